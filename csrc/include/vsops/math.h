@@ -1,0 +1,39 @@
+// Scalar helpers overloaded on float/double so templated kernels pick the right precision
+// on both compilers without std:: (not usable in device code) or CUDA intrinsics (not on host).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "vsops/macros.h"
+
+namespace vsops {
+
+VSOPS_HD float exp_(float x) { return expf(x); }
+VSOPS_HD double exp_(double x) { return exp(x); }
+VSOPS_HD float log_(float x) { return logf(x); }
+VSOPS_HD double log_(double x) { return log(x); }
+VSOPS_HD float abs_(float x) { return fabsf(x); }
+VSOPS_HD double abs_(double x) { return fabs(x); }
+
+template <typename T>
+VSOPS_HD T infinity() { return static_cast<T>(INFINITY); }
+
+template <typename T>
+VSOPS_HD T quiet_nan() { return static_cast<T>(NAN); }
+
+template <typename T>
+VSOPS_HD bool is_nan(T x) { return x != x; }
+
+// Numerically stable logistic sigmoid and its derivative from one exponential:
+// e = exp(-|z|) never overflows, and sigma(z) = p or e*p with p = 1/(1+e).
+// z = +-inf gives exactly 1 or 0 with slope 0; NaN propagates.
+template <typename T>
+VSOPS_HD void sigmoid_and_slope(T z, T& sig, T& slope) {
+  const T e = exp_(-abs_(z));
+  const T p = T(1) / (T(1) + e);
+  sig = z >= T(0) ? p : e * p;
+  slope = e * p * p;
+}
+
+}  // namespace vsops

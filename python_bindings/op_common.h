@@ -1,0 +1,67 @@
+// Input checks and output allocation shared by the CPU and CUDA registrations of the ops.
+// The public Python API validates arguments with friendlier messages first; these checks
+// keep direct torch.ops.vsops.* calls from reading out of bounds.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+namespace vsops {
+
+struct SegmentShape {
+  int64_t num_segments;
+  int64_t row_length;  // 0 in the packed layout (lengths come from cu_seqlens)
+};
+
+inline SegmentShape check_scores_layout(const at::Tensor& scores,
+                                        const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()),
+                   "vsops: scores must be float16, bfloat16, float32 or float64, got ",
+                   scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.is_contiguous(), "vsops: scores must be contiguous");
+  if (cu_seqlens.has_value()) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK_VALUE(scores.dim() == 1, "vsops: packed scores must be 1-D [total], got shape ",
+                      scores.sizes());
+    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "vsops: cu_seqlens must be int32, got ",
+                     cu.scalar_type());
+    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(),
+                      "vsops: cu_seqlens must be a contiguous 1-D tensor [S + 1]");
+    TORCH_CHECK_VALUE(cu.device() == scores.device(),
+                      "vsops: cu_seqlens must be on the device of scores");
+    return SegmentShape{cu.numel() - 1, 0};
+  }
+  TORCH_CHECK_VALUE(scores.dim() == 2, "vsops: scores must be 2-D [B, N] without cu_seqlens, got shape ",
+                    scores.sizes());
+  return SegmentShape{scores.size(0), scores.size(1)};
+}
+
+inline void check_k(const at::Tensor& k, const at::Tensor& scores, int64_t num_segments) {
+  TORCH_CHECK_TYPE(k.scalar_type() == at::kLong, "vsops: k must be int64, got ", k.scalar_type());
+  TORCH_CHECK_VALUE(k.dim() == 1 && k.numel() == num_segments && k.is_contiguous(),
+                    "vsops: k must be a contiguous [", num_segments, "] tensor, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(k.device() == scores.device(), "vsops: k must be on the device of scores");
+}
+
+inline at::ScalarType state_dtype_for(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_backward_inputs(const at::Tensor& grad, const at::Tensor& scores,
+                                  const at::Tensor& row_state, int64_t num_segments) {
+  TORCH_CHECK_VALUE(grad.sizes() == scores.sizes() && grad.is_contiguous(),
+                    "vsops: grad must be contiguous with the shape of scores");
+  TORCH_CHECK_TYPE(grad.scalar_type() == scores.scalar_type(), "vsops: grad must have the dtype of scores");
+  TORCH_CHECK_VALUE(grad.device() == scores.device(), "vsops: grad must be on the device of scores");
+  TORCH_CHECK_TYPE(row_state.scalar_type() == state_dtype_for(scores.scalar_type()),
+                   "vsops: row_state has the wrong dtype");
+  TORCH_CHECK_VALUE(row_state.dim() == 2 && row_state.size(0) == num_segments &&
+                        row_state.size(1) == 3 && row_state.is_contiguous(),
+                    "vsops: row_state must be a contiguous [S, 3] tensor");
+  TORCH_CHECK_VALUE(row_state.device() == scores.device(),
+                    "vsops: row_state must be on the device of scores");
+}
+
+}  // namespace vsops

@@ -1,0 +1,192 @@
+"""Plain-PyTorch reference of every vsops operator.
+
+These functions define what the operators compute: every compiled, CUDA and Triton backend
+is tested against them on the same inputs, and they are the fallback where no faster backend
+exists. They favour clarity and precision (float64 throughout) over speed, but stay
+vectorised over rows so the fallback has no per-row Python loop.
+
+Layout conventions shared by all backends (see ``vsops.ops.layout``):
+
+* padded: ``scores`` is ``[B, N]`` and ``cu_seqlens`` is None; each row is one segment.
+* packed: ``scores`` is ``[total]`` and ``cu_seqlens`` is int32 ``[S + 1]`` (FlashAttention's
+  convention), segment ``i`` being ``scores[cu_seqlens[i]:cu_seqlens[i + 1]]``.
+
+``k`` is always an int64 tensor ``[S]`` here; the public API validates it.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "difftopk_forward",
+    "difftopk_backward",
+    "topk_mask",
+    "difftopk_algorithm1",
+    "state_dtype_for",
+]
+
+# Bisection steps of the oracle: from a bracket of width w the error is w * 2**-64, below
+# the float64 resolution of t for any bracket a float32 row can produce.
+_BISECTION_STEPS = 64
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels (and of ``row_state``): float64 for float64 input,
+    float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to_rows(values: torch.Tensor, cu_seqlens: torch.Tensor | None, pad: float):
+    """Returns (rows [S, Nmax], valid [S, Nmax] bool, index [S, Nmax] into the flat input)."""
+    if cu_seqlens is None:
+        s, n = values.shape
+        valid = torch.ones(s, n, dtype=torch.bool, device=values.device)
+        index = torch.arange(s * n, device=values.device).view(s, n)
+        return values, valid, index
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    n_max = int(lengths.max()) if lengths.numel() else 0
+    offsets = torch.arange(n_max, device=values.device)
+    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)
+    index = (starts.unsqueeze(1) + offsets.unsqueeze(0)).clamp(max=max(values.numel() - 1, 0))
+    if values.numel() == 0:
+        rows = torch.full(valid.shape, pad, dtype=values.dtype, device=values.device)
+    else:
+        rows = torch.where(valid, values[index], torch.full_like(valid, pad, dtype=values.dtype))
+    return rows, valid, index
+
+
+def _from_rows(rows: torch.Tensor, valid: torch.Tensor, index: torch.Tensor, like: torch.Tensor):
+    if like.dim() == 2:
+        return rows.to(like.dtype).reshape(like.shape)
+    out = torch.empty_like(like)
+    out[index[valid]] = rows[valid].to(like.dtype)
+    return out
+
+
+def _mask_value(s: torch.Tensor, t: torch.Tensor, pos_inf_value, neg_inf_value):
+    m = torch.sigmoid(s + t)
+    m = torch.where(s == float("inf"), pos_inf_value, m)
+    return torch.where(s == float("-inf"), neg_inf_value, m)
+
+
+def difftopk_forward(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """DiffTopK forward: ``(mask, row_state)``.
+
+    ``mask`` has the shape and dtype of ``scores``: ``sigmoid(s + t)`` per segment with
+    ``sum(mask) = k``. ``row_state`` is ``[S, 3]`` in ``state_dtype_for(scores.dtype)``: the
+    threshold ``t`` and the values given to ``+inf`` and ``-inf`` scores. Semantics of the
+    limits (k = 0, k = n, infinite scores, NaN) are those of ``csrc/include/vsops/difftopk_math.h``.
+    """
+    s, valid, index = _to_rows(scores.double(), cu_seqlens, float("-inf"))
+    finite = valid & torch.isfinite(s)
+    n_pos = (valid & (s == float("inf"))).sum(1).double()
+    n_neg = (valid & (s == float("-inf"))).sum(1).double()
+    n_fin = finite.sum(1).double()
+    has_nan = (valid & torch.isnan(s)).any(1)
+    n = n_pos + n_neg + n_fin
+    kk = torch.minimum(k.to(s.device).double().clamp(min=0), n)
+
+    big = torch.finfo(torch.float64).max
+    s_max = torch.where(finite, s, torch.full_like(s, -big)).amax(1) if s.shape[1] else n * 0
+    s_min = torch.where(finite, s, torch.full_like(s, big)).amin(1) if s.shape[1] else n * 0
+
+    saturated_pos = kk <= n_pos
+    saturated_fin = ~saturated_pos & (kk >= n_pos + n_fin)
+    searching = ~saturated_pos & ~saturated_fin
+    frac = torch.where(searching, (kk - n_pos) / n_fin.clamp(min=1), torch.full_like(kk, 0.5))
+    base = torch.log(frac) - torch.log1p(-frac)
+    lo = torch.where(searching, base - s_max, torch.zeros_like(kk))
+    hi = torch.where(searching, base - s_min, torch.zeros_like(kk))
+    s_search = torch.where(finite, s, torch.where(s == float("inf"), s, torch.full_like(s, float("-inf"))))
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        f = torch.sigmoid(s_search + mid.unsqueeze(1)).sum(1)
+        below = f < kk
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    t = torch.where(searching, 0.5 * (lo + hi), torch.where(saturated_pos, -torch.inf, torch.inf))
+    pos_value = torch.where(saturated_pos, torch.where(n_pos > 0, kk / n_pos.clamp(min=1), 0.0), 1.0)
+    neg_value = torch.where(
+        saturated_fin, torch.where(n_neg > 0, (kk - n_pos - n_fin) / n_neg.clamp(min=1), 1.0), 0.0
+    )
+    nan = torch.full_like(t, float("nan"))
+    t, pos_value, neg_value = (torch.where(has_nan, nan, x) for x in (t, pos_value, neg_value))
+
+    m = _mask_value(s, t.unsqueeze(1), pos_value.unsqueeze(1), neg_value.unsqueeze(1))
+    m = torch.where(valid, m, torch.zeros_like(m))
+    state = torch.stack([t, pos_value, neg_value], dim=1).to(state_dtype_for(scores.dtype))
+    return _from_rows(m, valid, index, scores), state
+
+
+def _mask_slope(s: torch.Tensor, state: torch.Tensor):
+    t, pos_value, neg_value = (state[:, i].double().unsqueeze(1) for i in range(3))
+    m = _mask_value(s, t, pos_value, neg_value)
+    return m * (1 - m)
+
+
+def difftopk_backward(
+    grad: torch.Tensor, scores: torch.Tensor, row_state: torch.Tensor, cu_seqlens: torch.Tensor | None
+):
+    """Eq. 8: ``dL/ds = v * (g - sum(v g) / sum(v))`` with ``v = M (1 - M)``, per segment.
+
+    ``grad`` and the result have the shape of ``scores``; the result has its dtype.
+    """
+    s, valid, index = _to_rows(scores.double(), cu_seqlens, 0.0)
+    g, _, _ = _to_rows(grad.double(), cu_seqlens, 0.0)
+    v = torch.where(valid, _mask_slope(s, row_state), torch.zeros_like(s))
+    sum_v = v.sum(1, keepdim=True)
+    sum_vg = (v * g).sum(1, keepdim=True)
+    shift = torch.where(sum_v > 0, sum_vg / torch.where(sum_v > 0, sum_v, 1.0), torch.zeros_like(sum_v))
+    out = torch.where(valid, v * (g - shift), torch.zeros_like(s))
+    return _from_rows(out, valid, index, scores)
+
+
+def topk_mask(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """Hard top-k per segment: bool mask of the shape of ``scores`` with ``min(k, n)`` True
+    entries per segment. Ties go to the lower index; NaN ranks below ``-inf``."""
+    s, valid, index = _to_rows(scores.double(), cu_seqlens, 0.0)
+    # Category: 0 real score, 1 NaN, 2 padding; then score descending; then index ascending.
+    category = torch.where(valid, torch.isnan(s).long(), torch.full_like(s, 2, dtype=torch.long))
+    value = torch.where(category == 0, s, torch.full_like(s, float("-inf")))
+    order = torch.sort(value, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(category.gather(1, order), dim=1, stable=True).indices)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order).contiguous())
+    keep = valid & (rank < k.to(s.device).unsqueeze(1))
+    if scores.dim() == 2:
+        return keep
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    out[index[valid]] = keep[valid]
+    return out
+
+
+def difftopk_algorithm1(scores: torch.Tensor, k: int, steps: int = 64) -> torch.Tensor:
+    """Algorithm 1 of the paper as published, for benchmarks: ``[B, N]`` scores, one int k,
+    ``steps`` bisection iterations over the whole batch in the input dtype, no limit cases.
+    Differentiable through the paper's Eq. 8 backward."""
+    return _Algorithm1.apply(scores, k, steps)
+
+
+class _Algorithm1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, k, steps):
+        lower = -s.amax(dim=1) - 10
+        upper = -s.amin(dim=1) + 10
+        for _ in range(steps):
+            mid = (lower + upper) / 2
+            m_sum = torch.sigmoid(s + mid.unsqueeze(1)).sum(dim=1)
+            mask = m_sum < k
+            lower = torch.where(mask, mid, lower)
+            upper = torch.where(mask, upper, mid)
+        t = (lower + upper) / 2
+        ctx.save_for_backward(s, t)
+        return torch.sigmoid(s + t.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t = ctx.saved_tensors
+        m = torch.sigmoid(s + t.unsqueeze(1))
+        v = m * (1 - m)
+        uv = grad * v
+        return uv - uv.sum(1, keepdim=True) / v.sum(1, keepdim=True) * v, None, None
