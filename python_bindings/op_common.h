@@ -15,6 +15,18 @@ struct SegmentShape {
   int64_t row_length;  // 0 in the packed layout (lengths come from cu_seqlens)
 };
 
+// The bounds in cu_seqlens, checked where they can be read without a device sync.
+inline void check_cu_seqlens_on_host(const at::Tensor& scores, const at::Tensor& cu) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t s = cu.numel() - 1;
+  TORCH_CHECK_VALUE(c[0] == 0, "vsops: cu_seqlens must start at 0, got ", c[0]);
+  for (int64_t i = 0; i < s; ++i) {
+    TORCH_CHECK_VALUE(c[i] <= c[i + 1], "vsops: cu_seqlens must be non-decreasing (at ", i, ")");
+  }
+  TORCH_CHECK_VALUE(c[s] == scores.numel(), "vsops: cu_seqlens must end at scores.numel() = ",
+                    scores.numel(), ", got ", c[s]);
+}
+
 inline SegmentShape check_scores_layout(const at::Tensor& scores,
                                         const std::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()),
@@ -31,6 +43,7 @@ inline SegmentShape check_scores_layout(const at::Tensor& scores,
                       "vsops: cu_seqlens must be a contiguous 1-D tensor [S + 1]");
     TORCH_CHECK_VALUE(cu.device() == scores.device(),
                       "vsops: cu_seqlens must be on the device of scores");
+    if (cu.device().is_cpu()) check_cu_seqlens_on_host(scores, cu);
     return SegmentShape{cu.numel() - 1, 0};
   }
   TORCH_CHECK_VALUE(scores.dim() == 2, "vsops: scores must be 2-D [B, N] without cu_seqlens, got shape ",
@@ -43,6 +56,10 @@ inline void check_k(const at::Tensor& k, const at::Tensor& scores, int64_t num_s
   TORCH_CHECK_VALUE(k.dim() == 1 && k.numel() == num_segments && k.is_contiguous(),
                     "vsops: k must be a contiguous [", num_segments, "] tensor, got shape ", k.sizes());
   TORCH_CHECK_VALUE(k.device() == scores.device(), "vsops: k must be on the device of scores");
+}
+
+inline const int32_t* cu_seqlens_data(const std::optional<at::Tensor>& cu_seqlens) {
+  return cu_seqlens.has_value() ? cu_seqlens->data_ptr<int32_t>() : nullptr;
 }
 
 inline at::ScalarType state_dtype_for(at::ScalarType dtype) {

@@ -1,0 +1,23 @@
+// CPU implementations of the vsops ops, registered in python_bindings/ops.cpp.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+namespace vsops {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> difftopk_forward(const at::Tensor& scores, const at::Tensor& k,
+                                                    const std::optional<at::Tensor>& cu_seqlens);
+
+at::Tensor difftopk_backward(const at::Tensor& grad, const at::Tensor& scores,
+                             const at::Tensor& row_state,
+                             const std::optional<at::Tensor>& cu_seqlens);
+
+at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k,
+                     const std::optional<at::Tensor>& cu_seqlens);
+
+}  // namespace cpu
+}  // namespace vsops

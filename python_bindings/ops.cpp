@@ -1,0 +1,20 @@
+// The vsops operator library: schemas and CPU kernels. CUDA kernels register in
+// cuda_ops.cpp (CUDA builds only); fake (meta) kernels and autograd are registered from
+// Python in vsops/ops/.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(vsops, m) {
+  m.def("difftopk_forward(Tensor scores, Tensor k, Tensor? cu_seqlens) -> (Tensor, Tensor)");
+  m.def(
+      "difftopk_backward(Tensor grad, Tensor scores, Tensor row_state, Tensor? cu_seqlens) "
+      "-> Tensor");
+  m.def("topk_mask(Tensor scores, Tensor k, Tensor? cu_seqlens) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vsops, CPU, m) {
+  m.impl("difftopk_forward", &vsops::cpu::difftopk_forward);
+  m.impl("difftopk_backward", &vsops::cpu::difftopk_backward);
+  m.impl("topk_mask", &vsops::cpu::topk_mask);
+}

@@ -1,0 +1,83 @@
+"""Builds vsops._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc
+is present.
+
+Environment switches (in the manner of flash-attn):
+  VSOPS_SKIP_CUDA_BUILD=1   build the CPU kernels only, even where CUDA is available.
+  VSOPS_CUDA_ARCHS="80;90"  compute capabilities to compile for (default: sm_80 and sm_90).
+  VSOPS_CPU_VEC=avx2|avx512|none
+                            x86 vector instruction set of the CPU kernels (default avx2; none
+                            gives portable scalar code the compiler may still vectorize).
+  MAX_JOBS                  parallel compile jobs (read by torch's ninja build).
+"""
+import glob
+import os
+import platform
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# at::vec picks its implementation from these macros; they must match the -m flags.
+CPU_VEC_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+    ],
+    "none": [],
+}
+
+
+def _relative(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cpu_vec_flags():
+    choice = os.environ.get("VSOPS_CPU_VEC", "avx2" if platform.machine() in ("x86_64", "AMD64") else "none")
+    if choice not in CPU_VEC_FLAGS:
+        raise ValueError(f"VSOPS_CPU_VEC must be one of {sorted(CPU_VEC_FLAGS)}, got {choice!r}")
+    return CPU_VEC_FLAGS[choice]
+
+
+def _cuda_gencode_flags():
+    archs = os.environ.get("VSOPS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def _build_cuda():
+    if os.environ.get("VSOPS_SKIP_CUDA_BUILD", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
+
+
+def _extension():
+    include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "python_bindings")]
+    sources = _relative("csrc/cpu/*.cpp") + ["python_bindings/ops.cpp", "python_bindings/module.cpp"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_vec_flags()
+    if _build_cuda():
+        sources += _relative("csrc/cuda/*.cu") + ["python_bindings/cuda_ops.cpp"]
+        return CUDAExtension(
+            "vsops._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("VSOPS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + _cuda_gencode_flags()},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "vsops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,88 @@
+"""Which implementation runs an operator, per call.
+
+GPU tensors: compiled CUDA kernels, then Triton, then the PyTorch reference.
+CPU tensors: compiled CPU kernels, then the PyTorch reference (Triton runs CPU tensors only
+under ``TRITON_INTERPRET=1``, and only when forced, since the interpreter is for testing).
+``VSOPS_BACKEND=reference|cpu|cuda|triton`` forces one backend for every call; forcing a
+backend that cannot serve a call raises instead of silently falling back.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "compiled_extension", "available", "select", "TRITON_DTYPES"]
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    from vsops import _C as _compiled
+
+    _COMPILED_ERROR: str | None = None
+except ImportError as exc:  # the package can still run on the reference backend
+    _compiled = None
+    _COMPILED_ERROR = str(exc)
+
+
+def compiled_extension():
+    """The ``vsops._C`` module, or None when it was not built; see ``compiled_error()``."""
+    return _compiled
+
+
+def compiled_error() -> str | None:
+    return _COMPILED_ERROR
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available() -> dict[str, bool]:
+    """Backends usable in this process (for any device)."""
+    return {
+        "cuda": _compiled is not None and _compiled.built_with_cuda() and torch.cuda.is_available(),
+        "triton": _triton_importable()
+        and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+        "cpu": _compiled is not None,
+        "reference": True,
+    }
+
+
+def _can_serve(backend: str, device: torch.device, dtype: torch.dtype, have: dict[str, bool]) -> bool:
+    if not have[backend]:
+        return False
+    if backend == "cuda":
+        return device.type == "cuda"
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "triton":
+        return dtype in TRITON_DTYPES and (
+            device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        )
+    return True
+
+
+def default_order(device: torch.device) -> tuple[str, ...]:
+    return ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+
+
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs a call on tensors of this device and dtype."""
+    forced = os.environ.get("VSOPS_BACKEND", "").strip().lower()
+    have = available()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"VSOPS_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        if not _can_serve(forced, device, dtype, have):
+            why = f" (vsops._C failed to import: {_COMPILED_ERROR})" if forced in ("cpu", "cuda") and _compiled is None else ""
+            raise RuntimeError(
+                f"VSOPS_BACKEND={forced} cannot run {dtype} tensors on {device.type}{why}"
+            )
+        return forced
+    for backend in default_order(device):
+        if _can_serve(backend, device, dtype, have):
+            return backend
+    raise AssertionError("the reference backend serves every call")
