@@ -64,10 +64,11 @@ RowSolution<T> solve_row(const T* s, int64_t n, int64_t k) {
   if (!difftopk::plan_row(row_stats(s, n), k, sol, search)) return sol;
   while (!search.done) {
     const T t = search.t;
-    const auto sums = sum_pair<T>(n, [&](int64_t i, int64_t count, Vec<T>& sig, Vec<T>& slope) {
-      vec_sigmoid_and_slope(Vec<T>::loadu(s + i, count) + Vec<T>(t), sig, slope);
+    const auto sums = sum_lanes<T, 3>(n, [&](int64_t i, int64_t count, std::array<Vec<T>, 3>& parts) {
+      vec_sigmoid_parts(Vec<T>::loadu(s + i, count) + Vec<T>(t), parts[0], parts[1], parts[2]);
     });
-    difftopk::search_step(search, T(sums.first), T(sums.second));
+    const double residual = (sums[0] - double(search.target)) + sums[1];
+    difftopk::search_step(search, T(residual), T(sums[2]));
   }
   sol.t = search.t;
   return sol;
@@ -161,11 +162,11 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& scores, const at::T
         for (int64_t j = 0; j < count; ++j) lanes[j] = difftopk::mask_slope(s[i + j], sol);
         return Vec<T>::loadu(lanes);
       };
-      const auto sums = sum_pair<T>(n, [&](int64_t i, int64_t count, Vec<T>& vg, Vec<T>& v) {
-        v = slope(i, count);
-        vg = v * Vec<T>::loadu(g + i, count);
+      const auto sums = sum_lanes<T, 2>(n, [&](int64_t i, int64_t count, std::array<Vec<T>, 2>& parts) {
+        parts[1] = slope(i, count);
+        parts[0] = parts[1] * Vec<T>::loadu(g + i, count);
       });
-      const T shift = difftopk::backward_shift(T(sums.first), T(sums.second));
+      const T shift = difftopk::backward_shift(T(sums[0]), T(sums[1]));
       write_row<scalar_t, T>(out + start, n, [&](int64_t i, int64_t count) {
         return slope(i, count) * (Vec<T>::loadu(g + i, count) - Vec<T>(shift));
       });

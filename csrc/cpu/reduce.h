@@ -1,7 +1,7 @@
 // Accurate, parallel sums of two per-element quantities over a long row.
 #pragma once
 
-#include <utility>
+#include <array>
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -15,45 +15,43 @@ constexpr int64_t kSumBlock = 4096;
 // Rows shorter than this are summed by one thread (threads then split the batch instead).
 constexpr int64_t kParallelRowGrain = 1 << 15;
 
-// `lanes(i, count, a, b)` loads elements [i, i + count) (count <= Vec size) and returns their
-// two contributions in a and b; lanes past count are zeroed here.
-template <typename T, typename Lanes>
-std::pair<double, double> sum_pair(int64_t n, const Lanes& lanes) {
+// Sums K per-element quantities over [0, n). `lanes(i, count, parts)` loads elements
+// [i, i + count) (count <= Vec size) and returns their K contributions in parts; lanes past
+// count are zeroed here.
+template <typename T, size_t K, typename Lanes>
+std::array<double, K> sum_lanes(int64_t n, const Lanes& lanes) {
   using Vec = at::vec::Vectorized<T>;
+  using Sums = std::array<double, K>;
   constexpr int64_t W = Vec::size();
   auto block_sum = [&](int64_t begin, int64_t end) {
-    std::pair<double, double> total{0.0, 0.0};
+    Sums total{};
     for (int64_t b = begin; b < end; b += kSumBlock) {
       const int64_t block_end = std::min(end, b + kSumBlock);
-      Vec acc_a(T(0)), acc_b(T(0));
+      std::array<Vec, K> acc, parts;
+      acc.fill(Vec(T(0)));
       int64_t i = b;
       for (; i + W <= block_end; i += W) {
-        Vec a, c;
-        lanes(i, W, a, c);
-        acc_a += a;
-        acc_b += c;
+        lanes(i, W, parts);
+        for (size_t q = 0; q < K; ++q) acc[q] += parts[q];
       }
       if (i < block_end) {
         const int64_t count = block_end - i;
-        Vec a, c;
-        lanes(i, count, a, c);
-        acc_a += Vec::set(Vec(T(0)), a, count);
-        acc_b += Vec::set(Vec(T(0)), c, count);
+        lanes(i, count, parts);
+        for (size_t q = 0; q < K; ++q) acc[q] += Vec::set(Vec(T(0)), parts[q], count);
       }
-      total.first += at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc_a);
-      total.second += at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc_b);
+      for (size_t q = 0; q < K; ++q) {
+        total[q] += at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc[q]);
+      }
     }
     return total;
   };
+  auto add = [](Sums x, const Sums& y) {
+    for (size_t q = 0; q < K; ++q) x[q] += y[q];
+    return x;
+  };
   return at::parallel_reduce(
-      int64_t(0), n, kParallelRowGrain, std::pair<double, double>{0.0, 0.0},
-      [&](int64_t begin, int64_t end, std::pair<double, double> ident) {
-        const auto part = block_sum(begin, end);
-        return std::pair<double, double>{ident.first + part.first, ident.second + part.second};
-      },
-      [](std::pair<double, double> x, std::pair<double, double> y) {
-        return std::pair<double, double>{x.first + y.first, x.second + y.second};
-      });
+      int64_t(0), n, kParallelRowGrain, Sums{},
+      [&](int64_t begin, int64_t end, Sums ident) { return add(ident, block_sum(begin, end)); }, add);
 }
 
 }  // namespace cpu

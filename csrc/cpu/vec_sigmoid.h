@@ -29,6 +29,19 @@ inline void vec_sigmoid_and_slope(const Vec<T>& z, Vec<T>& sig, Vec<T>& slope) {
   slope = ep * p;
 }
 
+// Mirrors vsops::sigmoid_parts.
+template <typename T>
+inline void vec_sigmoid_parts(const Vec<T>& z, Vec<T>& above, Vec<T>& deviation, Vec<T>& slope) {
+  const Vec<T> one(T(1)), zero(T(0));
+  const Vec<T> e = vec_exp(z.abs().neg());
+  const Vec<T> p = (one + e).reciprocal();
+  const Vec<T> ep = e * p;
+  const Vec<T> nonnegative = z >= zero;
+  above = Vec<T>::blendv(zero, one, nonnegative);
+  deviation = Vec<T>::blendv(ep, ep.neg(), nonnegative);
+  slope = ep * p;
+}
+
 // Mirrors vsops::difftopk::mask_value for a row with solution `sol`.
 template <typename T>
 inline Vec<T> vec_mask_value(const Vec<T>& s, const difftopk::RowSolution<T>& sol) {

@@ -6,8 +6,9 @@
 //   2. plan_row(): closed-form rows (k = 0, k = n, rows whose mass sits on infinite scores,
 //      rows with NaN, rows of equal scores) are solved at once; the others get a bracket
 //      [lo, hi] that provably contains t and a starting guess;
-//   3. a safeguarded Newton search: each iteration reduces f(t) = sum sigmoid(s + t) and
-//      f'(t) = sum sigmoid'(s + t) over the row and calls search_step();
+//   3. a safeguarded Newton search: each iteration reduces the residual f(t) - k, with
+//      f(t) = sum sigmoid(s + t) summed by parts (sigmoid_parts() in math.h) to keep its
+//      precision, and f'(t) = sum sigmoid'(s + t) over the row, and calls search_step();
 //   4. mask_value() per element.
 // The backward (Eq. 8 of the paper) is dL/ds = v * (g - sum(v g) / sum(v)) with
 // v = sigmoid'(s + t), recomputed from s and the saved RowSolution (mask_slope()).
@@ -170,10 +171,11 @@ VSOPS_HD bool plan_row(const RowStats<T>& st, int64_t k, RowSolution<T>& sol, Se
   return true;
 }
 
-// One iteration: f and slope are sum sigmoid(s + t) and sum sigmoid'(s + t) at search.t.
+// One iteration: residual = sum sigmoid(s + t) - target and slope = sum sigmoid'(s + t) at
+// search.t. Compute the residual as (sum above - target) + sum deviation (sigmoid_parts).
 template <typename T>
-VSOPS_HD void search_step(Search<T>& q, T f, T slope) {
-  const T r = f - q.target;
+VSOPS_HD void search_step(Search<T>& q, T residual, T slope) {
+  const T r = residual;
   if (r < T(0)) {
     q.lo = q.t;
   } else if (r > T(0)) {
@@ -194,7 +196,10 @@ VSOPS_HD void search_step(Search<T>& q, T f, T slope) {
   q.last_step = step;
   q.iterations += 1;
   const bool bracket_exhausted = !(q.t > q.lo && q.t < q.hi);
-  if (abs_(step) <= tol || bracket_exhausted || q.iterations >= kMaxSearchIterations) {
+  // Only a small Newton step ends the search: its error after the step is quadratically
+  // smaller, whereas a small bisection step can still be a whole bracket away from t.
+  if ((newton_ok && abs_(step) <= tol) || bracket_exhausted ||
+      q.iterations >= kMaxSearchIterations) {
     q.done = true;
   }
 }

@@ -36,4 +36,18 @@ VSOPS_HD void sigmoid_and_slope(T z, T& sig, T& slope) {
   slope = e * p * p;
 }
 
+// The same sigmoid split as sigma(z) = above + deviation with above = [z >= 0] and
+// |deviation| <= 1/2. Summing the parts separately keeps a row sum near n (k close to n)
+// exact to float precision: sum sigma - k = (sum above - k) + sum deviation, where the first
+// term is an exact integer and the second a sum of small numbers.
+template <typename T>
+VSOPS_HD void sigmoid_parts(T z, T& above, T& deviation, T& slope) {
+  const T e = exp_(-abs_(z));
+  const T p = T(1) / (T(1) + e);
+  const T ep = e * p;
+  above = z >= T(0) ? T(1) : T(0);
+  deviation = z >= T(0) ? -ep : ep;
+  slope = ep * p;
+}
+
 }  // namespace vsops

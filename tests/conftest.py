@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+from vsops import backends
+
+
+def _compiled_backends():
+    """(backend, device) pairs this machine can run, besides the reference."""
+    pairs = []
+    have = backends.available()
+    if have["cpu"]:
+        pairs.append(("cpu", "cpu"))
+    if have["cuda"]:
+        pairs.append(("cuda", "cuda"))
+    if have["triton"]:
+        pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
+    return pairs
+
+
+BACKEND_DEVICES = _compiled_backends()
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
+def backend(request, monkeypatch):
+    """Forces one backend for the test; yields (backend, device)."""
+    name, device = request.param
+    monkeypatch.setenv("VSOPS_BACKEND", name)
+    return name, torch.device(device)
+
+
+def pytest_report_header(config):
+    return f"vsops backends under test: {BACKEND_DEVICES} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"

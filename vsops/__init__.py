@@ -1,0 +1,8 @@
+"""vsops: fused PyTorch operators for learned visual-token selection (VisionSelector)."""
+from vsops.budget import budget_to_k
+from vsops.difftopk import DiffTopK, constraint_loss, difftopk, topk_mask
+from vsops.info import info
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "budget_to_k", "difftopk", "topk_mask", "constraint_loss", "DiffTopK", "info"]

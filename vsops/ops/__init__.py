@@ -1,0 +1,1 @@
+"""Operator registration and dispatch: one module per operator."""

@@ -1,0 +1,59 @@
+"""Registers one operator's backends as ``torch.ops.vsops.*`` with shared fake kernels and
+autograd, and picks the backend per call.
+
+The compiled ops (schemas in python_bindings/ops.cpp, kernels for CPU and CUDA) are
+``torch.ops.vsops.<name>``; the Triton and reference implementations are registered here
+as ``torch.ops.vsops.<name>_triton`` and ``<name>_reference`` with the same schema, so every
+backend is opaque to ``torch.compile``, passes ``torch.library.opcheck`` and differentiates
+through the same autograd formula.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from vsops import backends
+
+LIBRARY = torch.library.Library("vsops", "FRAGMENT")
+
+
+def _op_name(name: str, backend: str) -> str:
+    return name if backend in ("cpu", "cuda") else f"{name}_{backend}"
+
+
+class Operator:
+    """One operator: its schema, fake kernel and Python backends (triton, reference)."""
+
+    def __init__(self, name: str, schema: str, fake: Callable, python_backends: dict[str, Callable]):
+        self.name = name
+        self._python_backends = dict(python_backends)
+        for backend, impl in self._python_backends.items():
+            op_name = _op_name(name, backend)
+            LIBRARY.define(op_name + schema)
+            LIBRARY.impl(op_name, impl, "CompositeExplicitAutograd")
+        for op_name in self.op_names():
+            torch.library.register_fake(f"vsops::{op_name}", fake, lib=LIBRARY)
+
+    def qualified_name(self, backend: str) -> str:
+        return f"vsops::{_op_name(self.name, backend)}"
+
+    def op_names(self) -> list[str]:
+        """Names of the registered ops (the compiled one only when vsops._C was built)."""
+        return [_op_name(self.name, b) for b in self.backends()]
+
+    def op(self, backend: str):
+        return getattr(torch.ops.vsops, _op_name(self.name, backend))
+
+    def backends(self) -> list[str]:
+        """One backend name per registered op ("cpu" standing for the compiled op)."""
+        names = list(self._python_backends)
+        if backends.compiled_extension() is not None:
+            names.append("cpu")
+        return names
+
+    def __call__(self, *args, backend: str | None = None):
+        """Runs the op on the backend chosen for the first argument's device and dtype."""
+        first = args[0]
+        backend = backend or backends.select(first.device, first.dtype)
+        return self.op(backend)(*args)

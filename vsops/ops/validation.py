@@ -1,0 +1,92 @@
+"""Argument checks shared by the operators' public entry points.
+
+Shape, dtype and device errors are found without touching data. Checks that read data
+(cu_seqlens bounds, k against segment lengths, NaN) are free on CPU tensors and cost one
+host sync, for all of them together, on GPU tensors. Inside ``torch.compile`` the data checks
+are skipped (the kernels clamp k and never read out of bounds), since they would break the graph.
+"""
+from __future__ import annotations
+
+import torch
+
+NAN_POLICIES = ("propagate", "raise")
+
+
+def check_scores(scores, cu_seqlens) -> None:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if cu_seqlens is None:
+        if scores.dim() != 2:
+            raise ValueError(
+                f"scores must be [B, N] (or [total] with cu_seqlens), got shape {tuple(scores.shape)}"
+            )
+        return
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32 (FlashAttention's convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != scores.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but scores is on {scores.device}")
+    if scores.dim() != 1:
+        raise ValueError(f"with cu_seqlens, scores must be packed [total], got shape {tuple(scores.shape)}")
+
+
+def check_nan_policy(nan_policy: str) -> None:
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+
+
+def num_segments(scores: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    return scores.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def segment_lengths(scores: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """int64 [S] lengths on the scores' device (no sync)."""
+    if cu_seqlens is None:
+        return torch.full((scores.shape[0],), scores.shape[1], dtype=torch.long, device=scores.device)
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+
+
+def k_tensor(k, scores: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """k as a contiguous int64 [S] tensor on the scores' device; checks what needs no data."""
+    s = num_segments(scores, cu_seqlens)
+    if isinstance(k, torch.Tensor):
+        if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+            raise TypeError(f"k must be an int or an integer tensor, got {k.dtype}")
+        if k.dim() == 0:
+            k = k.expand(s)
+        if k.shape != (s,):
+            raise ValueError(f"k must be an int or a [{s}] tensor (one per segment), got shape {tuple(k.shape)}")
+        return k.to(device=scores.device, dtype=torch.long, non_blocking=True).contiguous()
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int or an integer tensor, got {type(k).__name__}")
+    if cu_seqlens is None and not 0 <= k <= scores.shape[1]:
+        raise ValueError(f"k must be in [0, N] = [0, {scores.shape[1]}], got {k}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return torch.full((s,), k, dtype=torch.long, device=scores.device)
+
+
+def check_data(scores, k: torch.Tensor, cu_seqlens, nan_policy: str) -> None:
+    """The data-dependent checks, with at most one host sync for all of them."""
+    if torch.compiler.is_compiling():
+        return
+    checks: list[tuple[torch.Tensor, str]] = []
+    if cu_seqlens is not None:
+        c = cu_seqlens
+        checks.append((c[0] != 0, "cu_seqlens must start at 0"))
+        checks.append(((c[1:] < c[:-1]).any(), "cu_seqlens must be non-decreasing"))
+        checks.append((c[-1] != scores.numel(), f"cu_seqlens must end at scores.numel() = {scores.numel()}"))
+    lengths = segment_lengths(scores, cu_seqlens)
+    checks.append(((k < 0).any(), "k must be >= 0 in every segment"))
+    checks.append(((k > lengths).any(), "k must not exceed the segment's length"))
+    if nan_policy == "raise":
+        checks.append((torch.isnan(scores).any(), "scores contain NaN (nan_policy='raise')"))
+    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).cpu()
+    for bad, (_, message) in zip(flags.tolist(), checks):
+        if bad:
+            raise ValueError(message)
