@@ -36,16 +36,18 @@ def compiled_error() -> str | None:
     return _COMPILED_ERROR
 
 
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Fixed for the life of the process; read once so that per-call selection (which also runs
+# while torch.compile traces) only reads the environment.
+_COMPILED_CUDA = _compiled is not None and _compiled.built_with_cuda() and torch.cuda.is_available()
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+_CUDA_DEVICE = torch.cuda.is_available()
 
 
 def available() -> dict[str, bool]:
     """Backends usable in this process (for any device)."""
     return {
-        "cuda": _compiled is not None and _compiled.built_with_cuda() and torch.cuda.is_available(),
-        "triton": _triton_importable()
-        and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+        "cuda": _COMPILED_CUDA,
+        "triton": _TRITON_IMPORTABLE and (_CUDA_DEVICE or os.environ.get("TRITON_INTERPRET") == "1"),
         "cpu": _compiled is not None,
         "reference": True,
     }
