@@ -30,8 +30,8 @@ cuda::ScalarKind scalar_kind(at::ScalarType dtype) {
     case at::kDouble:
       return cuda::ScalarKind::kFloat64;
     default:
-      TORCH_CHECK_TYPE(false,
-                       "vsops: CUDA kernels take float16, bfloat16, float32 or float64, got ", dtype);
+      TORCH_CHECK_TYPE(false, "vsops: CUDA kernels take float16, bfloat16, float32 or float64, ",
+                       "got ", dtype);
   }
 }
 

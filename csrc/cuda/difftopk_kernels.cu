@@ -39,10 +39,13 @@ __device__ __forceinline__ T* block_row_state(T* row_state) {
   return row_state + static_cast<int64_t>(blockIdx.x) * difftopk::kRowStateWidth;
 }
 
+// f(t) = sum sigmoid(s + t) split as in sigmoid_parts(): the count of s + t >= 0 is exact,
+// so f(t) - k keeps its precision when k is close to n.
 template <typename T>
 struct SigmoidSums {
-  T value;  // f(t) = sum sigmoid(s + t)
-  T slope;  // f'(t)
+  int64_t above;  // #(s + t >= 0)
+  T deviation;    // sum of sigmoid(s + t) - [s + t >= 0]
+  T slope;        // f'(t)
 };
 
 // First pass: the row statistics plan_row() needs, filling the cache on the way.
@@ -63,15 +66,16 @@ __device__ RowStats<Acc<In>> row_stats(const ScoreRow<In>& row) {
 template <typename In>
 __device__ SigmoidSums<Acc<In>> sigmoid_sums(const ScoreRow<In>& row, Acc<In> t) {
   using T = Acc<In>;
-  SigmoidSums<T> sums{T(0), T(0)};
+  SigmoidSums<T> sums{0, T(0), T(0)};
   for (int64_t i = threadIdx.x; i < row.length; i += kBlockThreads) {
-    T sig, slope;
-    sigmoid_and_slope(row[i] + t, sig, slope);
-    sums.value += sig;
+    T above, deviation, slope;
+    sigmoid_parts(row[i] + t, above, deviation, slope);
+    sums.above += above != T(0);
+    sums.deviation += deviation;
     sums.slope += slope;
   }
   return block_allreduce(sums, [](const SigmoidSums<T>& a, const SigmoidSums<T>& b) {
-    return SigmoidSums<T>{a.value + b.value, a.slope + b.slope};
+    return SigmoidSums<T>{a.above + b.above, a.deviation + b.deviation, a.slope + b.slope};
   });
 }
 
@@ -85,7 +89,10 @@ __device__ RowSolution<Acc<In>> solve_row(const ScoreRow<In>& row, const RowStat
   if (!difftopk::plan_row(stats, k, solution, search)) return solution;
   while (!search.done) {
     const SigmoidSums<T> sums = sigmoid_sums(row, search.t);
-    difftopk::search_step(search, sums.value, sums.slope);
+    // In double, as the CPU kernel does: the integer part is exact for any row length.
+    const double residual = (static_cast<double>(sums.above) - static_cast<double>(search.target)) +
+                            static_cast<double>(sums.deviation);
+    difftopk::search_step(search, static_cast<T>(residual), sums.slope);
   }
   solution.t = search.t;
   return solution;
