@@ -4,9 +4,11 @@ is present.
 Environment switches (in the manner of flash-attn):
   VSOPS_SKIP_CUDA_BUILD=1   build the CPU kernels only, even where CUDA is available.
   VSOPS_CUDA_ARCHS="80;90"  compute capabilities to compile for (default: sm_80 and sm_90).
-  VSOPS_CPU_VEC=avx2|avx512|none
-                            x86 vector instruction set of the CPU kernels (default avx2; none
-                            gives portable scalar code the compiler may still vectorize).
+  VSOPS_CPU_VEC=native|avx2|avx512|none
+                            vector instruction set of the CPU kernels. The default, native,
+                            takes the widest one the build machine has (like -march=native, the
+                            build then needs that instruction set where it runs); set avx2 to
+                            build for other x86 machines, none for portable scalar code.
   MAX_JOBS                  parallel compile jobs (read by torch's ninja build).
 """
 import glob
@@ -36,10 +38,27 @@ def _relative(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _native_cpu_vec():
+    """The widest instruction set of CPU_VEC_FLAGS this (x86, Linux) build machine has."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "none"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return "avx2"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "none"
+
+
 def _cpu_vec_flags():
-    choice = os.environ.get("VSOPS_CPU_VEC", "avx2" if platform.machine() in ("x86_64", "AMD64") else "none")
+    choice = os.environ.get("VSOPS_CPU_VEC", "native")
+    if choice == "native":
+        choice = _native_cpu_vec()
     if choice not in CPU_VEC_FLAGS:
-        raise ValueError(f"VSOPS_CPU_VEC must be one of {sorted(CPU_VEC_FLAGS)}, got {choice!r}")
+        raise ValueError(f"VSOPS_CPU_VEC must be native or one of {sorted(CPU_VEC_FLAGS)}, got {choice!r}")
+    print(f"vsops: CPU kernels built for {choice}")
     return CPU_VEC_FLAGS[choice]
 
 

@@ -89,9 +89,7 @@ __device__ RowSolution<Acc<In>> solve_row(const ScoreRow<In>& row, const RowStat
   if (!difftopk::plan_row(stats, k, solution, search)) return solution;
   while (!search.done) {
     const SigmoidSums<T> sums = sigmoid_sums(row, search.t);
-    // In double, as the CPU kernel does: the integer part is exact for any row length.
-    const double residual = (static_cast<double>(sums.above) - static_cast<double>(search.target)) +
-                            static_cast<double>(sums.deviation);
+    const double residual = difftopk::newton_residual(sums.above, sums.deviation, search.target);
     difftopk::search_step(search, static_cast<T>(residual), sums.slope);
   }
   solution.t = search.t;

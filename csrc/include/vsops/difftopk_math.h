@@ -171,8 +171,14 @@ VSOPS_HD bool plan_row(const RowStats<T>& st, int64_t k, RowSolution<T>& sol, Se
   return true;
 }
 
+// f(t) - k from the row sums of sigmoid_parts(): the integer count is exact in double, so
+// the subtraction loses nothing before the small deviations are added.
+VSOPS_HD double newton_residual(double above_sum, double deviation_sum, double target) {
+  return (above_sum - target) + deviation_sum;
+}
+
 // One iteration: residual = sum sigmoid(s + t) - target and slope = sum sigmoid'(s + t) at
-// search.t. Compute the residual as (sum above - target) + sum deviation (sigmoid_parts).
+// search.t, the residual computed by newton_residual().
 template <typename T>
 VSOPS_HD void search_step(Search<T>& q, T residual, T slope) {
   const T r = residual;
