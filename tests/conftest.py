@@ -1,9 +1,15 @@
 import os
 
-import pytest
 import torch
 
-from vsops import backends
+# Without a GPU the Triton kernels run under the interpreter (CPU tensors, fp32); it must be
+# switched on before any Triton kernel is defined, i.e. before vsops.triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vsops import backends  # noqa: E402
 
 
 def _compiled_backends():
