@@ -139,25 +139,26 @@ def _forward_kernel(scores_ptr, k_ptr, cu_seqlens_ptr, mask_ptr, state_ptr, row_
         # newton_residual: f - k with the integer part exact, then one rounding (the same as
         # the header's double sum rounded to float, for rows below 2**24 elements).
         r = (above - k).to(tl.float32) + deviation
-        # search_step: shrink the bracket around the root, then take Newton while it stays
-        # inside and at least halves the previous step (rtsafe), else bisect. A residual that
-        # is neither < 0 nor > 0 ends the search where it stands; otherwise only a small
-        # Newton step does (a small bisection step can still be a whole bracket away from t).
+        # search_step: shrink the bracket around the root. A Newton step within tolerance
+        # (search_tolerance<float>) ends the search, kept only if it lands strictly inside
+        # the bracket; otherwise Newton while it stays inside and at least halves the previous
+        # step (rtsafe), else bisect. A residual that is neither < 0 nor > 0 ends the search
+        # where it stands.
         exact = (r >= 0) & (r <= 0)
         lo = tl.where(r < 0, t, lo)
         hi = tl.where(r > 0, t, hi)
         has_slope = df > 0
         newton_step = tl.where(has_slope, -r / tl.where(has_slope, df, 1.0), 0.0)
-        next_t = t + newton_step
-        newton_ok = (has_slope & (next_t > lo) & (next_t < hi)
-                     & (tl.abs(2.0 * newton_step) <= tl.abs(last_step)))
+        newton_t = t + newton_step
+        inside = (newton_t > lo) & (newton_t < hi)
+        small = has_slope & (tl.abs(newton_step) <= 1e-5 + 4.8e-7 * tl.abs(t))
+        newton_ok = has_slope & inside & (tl.abs(2.0 * newton_step) <= tl.abs(last_step))
         step = tl.where(newton_ok, newton_step, (lo + hi) * 0.5 - t)
-        tolerance = 1e-6 * tl.maximum(tl.abs(t), 1.0)
+        step = tl.where(small, tl.where(inside, newton_step, 0.0), step)
         next_t = t + step
         iterations += 1
         bracket_exhausted = ~((next_t > lo) & (next_t < hi))
-        converged = (newton_ok & (tl.abs(step) <= tolerance)) | bracket_exhausted
-        active = ~exact & ~converged & (iterations < MAX_SEARCH_ITERATIONS)
+        active = ~exact & ~small & ~bracket_exhausted & (iterations < MAX_SEARCH_ITERATIONS)
         t = tl.where(exact, t, next_t)
         last_step = tl.where(exact, last_step, step)
 

@@ -112,17 +112,21 @@ struct Search {
   bool done;
 };
 
+// A Newton step this small ends the search. Newton's error after a step d is about
+// d^2 * |f''| / (2 f') <= d^2 / 2 for sigmoid sums, so the absolute part (1e-5 in float,
+// far above the float noise floor of the row sums) leaves ~1e-10 in t; the relative part is
+// 4 ulp of t, below which float cannot place t anyway.
 template <typename T>
 VSOPS_HD T search_tolerance(T t);
 
 template <>
 VSOPS_HD float search_tolerance<float>(float t) {
-  return 1e-6f * (abs_(t) > 1.f ? abs_(t) : 1.f);
+  return 1e-5f + 4.8e-7f * abs_(t);
 }
 
 template <>
 VSOPS_HD double search_tolerance<double>(double t) {
-  return 1e-13 * (abs_(t) > 1. ? abs_(t) : 1.);
+  return 1e-12 + 8.9e-16 * abs_(t);
 }
 
 // Decides a row from its statistics. Returns true when a search is needed (then `search`
@@ -190,24 +194,26 @@ VSOPS_HD void search_step(Search<T>& q, T residual, T slope) {
     q.done = true;
     return;
   }
+  q.iterations += 1;
   const T newton_step = slope > T(0) ? -r / slope : T(0);
   const T next = q.t + newton_step;
-  // Newton is accepted inside the bracket and while it at least halves the step it took
-  // before (the rtsafe rule); otherwise bisect, which always shrinks the bracket.
-  const bool newton_ok = slope > T(0) && next > q.lo && next < q.hi &&
-                         abs_(T(2) * newton_step) <= abs_(q.last_step);
+  const bool inside = next > q.lo && next < q.hi;
+  // A Newton step within tolerance ends the search. It may round to t itself or onto the
+  // bracket end t just became, which is why it is tested before the bracket: bisecting
+  // there would jump back across the whole bracket.
+  if (slope > T(0) && abs_(newton_step) <= search_tolerance<T>(q.t)) {
+    q.t = inside ? next : q.t;
+    q.done = true;
+    return;
+  }
+  // Newton inside the bracket while it at least halves the step it took before (the rtsafe
+  // rule); otherwise bisect, which always shrinks the bracket.
+  const bool newton_ok = slope > T(0) && inside && abs_(T(2) * newton_step) <= abs_(q.last_step);
   const T step = newton_ok ? newton_step : (q.lo + q.hi) * T(0.5) - q.t;
-  const T tol = search_tolerance<T>(q.t);
   q.t = q.t + step;
   q.last_step = step;
-  q.iterations += 1;
   const bool bracket_exhausted = !(q.t > q.lo && q.t < q.hi);
-  // Only a small Newton step ends the search: its error after the step is quadratically
-  // smaller, whereas a small bisection step can still be a whole bracket away from t.
-  if ((newton_ok && abs_(step) <= tol) || bracket_exhausted ||
-      q.iterations >= kMaxSearchIterations) {
-    q.done = true;
-  }
+  if (bracket_exhausted || q.iterations >= kMaxSearchIterations) q.done = true;
 }
 
 template <typename T>
