@@ -50,7 +50,7 @@ void check_launch(cudaError_t status) {
 std::tuple<at::Tensor, at::Tensor> difftopk_forward(const at::Tensor& scores, const at::Tensor& k,
                                                     const std::optional<at::Tensor>& cu_seqlens) {
   const SegmentShape shape = check_scores_layout(scores, cu_seqlens);
-  check_k(k, scores, shape.num_segments);
+  check_k(k, scores, cu_seqlens, shape);
   const cuda::ScalarKind dtype = scalar_kind(scores.scalar_type());
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor mask = at::empty_like(scores);
@@ -82,7 +82,7 @@ at::Tensor difftopk_backward(const at::Tensor& grad, const at::Tensor& scores,
 at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k,
                      const std::optional<at::Tensor>& cu_seqlens) {
   const SegmentShape shape = check_scores_layout(scores, cu_seqlens);
-  check_k(k, scores, shape.num_segments);
+  check_k(k, scores, cu_seqlens, shape);
   const cuda::ScalarKind dtype = scalar_kind(scores.scalar_type());
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor keep = at::empty(scores.sizes(), scores.options().dtype(at::kBool));

@@ -51,11 +51,30 @@ inline SegmentShape check_scores_layout(const at::Tensor& scores,
   return SegmentShape{scores.size(0), scores.size(1)};
 }
 
-inline void check_k(const at::Tensor& k, const at::Tensor& scores, int64_t num_segments) {
+// k against the segment lengths, where it can be read without a device sync.
+inline void check_k_on_host(const at::Tensor& k, const int32_t* cu_seqlens, int64_t row_length) {
+  const int64_t* kp = k.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k.numel(); ++i) {
+    TORCH_CHECK_VALUE(kp[i] >= 0, "vsops: k must be >= 0 in every segment, got ", kp[i],
+                      " for segment ", i);
+    const int64_t length = cu_seqlens ? cu_seqlens[i + 1] - cu_seqlens[i] : row_length;
+    TORCH_CHECK_VALUE(kp[i] <= length, "vsops: k must not exceed the segment's length, got k = ",
+                      kp[i], " for segment ", i, " of length ", length);
+  }
+}
+
+// Call after check_scores_layout, which validates cu_seqlens.
+inline void check_k(const at::Tensor& k, const at::Tensor& scores,
+                    const std::optional<at::Tensor>& cu_seqlens, const SegmentShape& shape) {
   TORCH_CHECK_TYPE(k.scalar_type() == at::kLong, "vsops: k must be int64, got ", k.scalar_type());
-  TORCH_CHECK_VALUE(k.dim() == 1 && k.numel() == num_segments && k.is_contiguous(),
-                    "vsops: k must be a contiguous [", num_segments, "] tensor, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 1 && k.numel() == shape.num_segments && k.is_contiguous(),
+                    "vsops: k must be a contiguous [", shape.num_segments, "] tensor, got shape ",
+                    k.sizes());
   TORCH_CHECK_VALUE(k.device() == scores.device(), "vsops: k must be on the device of scores");
+  if (k.device().is_cpu()) {
+    check_k_on_host(k, cu_seqlens.has_value() ? cu_seqlens->data_ptr<int32_t>() : nullptr,
+                    shape.row_length);
+  }
 }
 
 inline const int32_t* cu_seqlens_data(const std::optional<at::Tensor>& cu_seqlens) {

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vsops import backends
 from vsops.budget import budget_to_k, check_budget
 from vsops.ops import difftopk as _ops
 from vsops.ops import validation
@@ -33,11 +34,13 @@ __all__ = ["difftopk", "topk_mask", "constraint_loss", "DiffTopK", "budget_to_k"
 
 
 def _prepare(scores, k, cu_seqlens, nan_policy):
+    """Validated (scores, k tensor, backend) for one call."""
     validation.check_scores(scores, cu_seqlens)
     validation.check_nan_policy(nan_policy)
     k = validation.k_tensor(k, scores, cu_seqlens)
-    validation.check_data(scores, k, cu_seqlens, nan_policy)
-    return scores.contiguous(), k
+    backend = backends.select(scores.device, scores.dtype)
+    validation.check_data(scores, k, cu_seqlens, nan_policy, bounds_checked=backend == "cpu")
+    return scores.contiguous(), k, backend
 
 
 def difftopk(
@@ -61,8 +64,8 @@ def difftopk(
         backward is the implicit-differentiation formula (Eq. 8), not a backprop through the
         search.
     """
-    scores, k = _prepare(scores, k, cu_seqlens, nan_policy)
-    mask, _ = _ops.forward(scores, k, cu_seqlens)
+    scores, k, backend = _prepare(scores, k, cu_seqlens, nan_policy)
+    mask, _ = _ops.forward(scores, k, cu_seqlens, backend=backend)
     return mask
 
 
@@ -78,8 +81,8 @@ def topk_mask(
     Ties go to the lower index; NaN ranks below ``-inf`` (or raises with
     ``nan_policy="raise"``). Arguments as in :func:`difftopk`. Not differentiable.
     """
-    scores, k = _prepare(scores, k, cu_seqlens, nan_policy)
-    return _ops.topk_mask(scores, k, cu_seqlens)
+    scores, k, backend = _prepare(scores, k, cu_seqlens, nan_policy)
+    return _ops.topk_mask(scores, k, cu_seqlens, backend=backend)
 
 
 def constraint_loss(soft: torch.Tensor, hard: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:

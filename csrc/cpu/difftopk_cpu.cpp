@@ -179,7 +179,7 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& scores, const at::T
 std::tuple<at::Tensor, at::Tensor> difftopk_forward(const at::Tensor& scores, const at::Tensor& k,
                                                     const std::optional<at::Tensor>& cu_seqlens) {
   const SegmentShape shape = check_scores_layout(scores, cu_seqlens);
-  check_k(k, scores, shape.num_segments);
+  check_k(k, scores, cu_seqlens, shape);
   at::Tensor mask = at::empty_like(scores);
   at::Tensor state = at::empty({shape.num_segments, difftopk::kRowStateWidth},
                                scores.options().dtype(state_dtype_for(scores.scalar_type())));

@@ -50,7 +50,7 @@ void topk_rows(const at::Tensor& scores, const at::Tensor& k, const int32_t* cu,
 at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k,
                      const std::optional<at::Tensor>& cu_seqlens) {
   const SegmentShape shape = check_scores_layout(scores, cu_seqlens);
-  check_k(k, scores, shape.num_segments);
+  check_k(k, scores, cu_seqlens, shape);
   at::Tensor keep = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   const int32_t* cu = cu_seqlens_data(cu_seqlens);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(),

@@ -71,11 +71,19 @@ def k_tensor(k, scores: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.
     return torch.full((s,), k, dtype=torch.long, device=scores.device)
 
 
-def check_data(scores, k: torch.Tensor, cu_seqlens, nan_policy: str) -> None:
-    """The data-dependent checks, with at most one host sync for all of them."""
+def check_data(scores, k: torch.Tensor, cu_seqlens, nan_policy: str, *, bounds_checked: bool = False) -> None:
+    """The data-dependent checks, with at most one host sync for all of them.
+
+    ``bounds_checked``: the backend about to run checks cu_seqlens and k itself (the compiled
+    CPU kernels do, for free), so only the NaN policy is left to check here.
+    """
     if torch.compiler.is_compiling():
         return
     checks: list[tuple[torch.Tensor, str]] = []
+    if bounds_checked:
+        if nan_policy == "raise" and torch.isnan(scores).any():
+            raise ValueError("scores contain NaN (nan_policy='raise')")
+        return
     if cu_seqlens is not None:
         c = cu_seqlens
         checks.append((c[0] != 0, "cu_seqlens must start at 0"))
