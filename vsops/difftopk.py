@@ -37,9 +37,11 @@ def _prepare(scores, k, cu_seqlens, nan_policy):
     """Validated (scores, k tensor, backend) for one call."""
     validation.check_scores(scores, cu_seqlens)
     validation.check_nan_policy(nan_policy)
+    k_checked_on_host = cu_seqlens is None and not isinstance(k, torch.Tensor)
     k = validation.k_tensor(k, scores, cu_seqlens)
     backend = backends.select(scores.device, scores.dtype)
-    validation.check_data(scores, k, cu_seqlens, nan_policy, bounds_checked=backend == "cpu")
+    bounds_checked = backend == "cpu" or k_checked_on_host
+    validation.check_data(scores, k, cu_seqlens, nan_policy, bounds_checked=bounds_checked)
     return scores.contiguous(), k, backend
 
 

@@ -74,8 +74,10 @@ def k_tensor(k, scores: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.
 def check_data(scores, k: torch.Tensor, cu_seqlens, nan_policy: str, *, bounds_checked: bool = False) -> None:
     """The data-dependent checks, with at most one host sync for all of them.
 
-    ``bounds_checked``: the backend about to run checks cu_seqlens and k itself (the compiled
-    CPU kernels do, for free), so only the NaN policy is left to check here.
+    ``bounds_checked``: cu_seqlens and k need no check here, because the backend about to run
+    checks them itself (the compiled CPU kernels do, for free) or because ``k_tensor`` did (an
+    int k for a padded batch); only the NaN policy is left. So a padded GPU batch with an int
+    k and nan_policy="propagate" costs no host sync.
     """
     if torch.compiler.is_compiling():
         return
