@@ -20,18 +20,14 @@ namespace {
 using difftopk::RowSolution;
 using difftopk::RowStats;
 
-// A row of scores in the accumulation type: from the shared cache when the row fits,
-// otherwise converted again from global memory.
 template <typename In>
-struct ScoreRow {
-  const In* global;
-  Acc<In>* cache;  // nullptr when the row does not fit
-  int64_t length;
-
-  __device__ __forceinline__ Acc<In> operator[](int64_t i) const {
-    return cache != nullptr ? cache[i] : Scalar<In>::load(global[i]);
-  }
+struct ToAcc {
+  __device__ __forceinline__ Acc<In> operator()(In x) const { return Scalar<In>::load(x); }
 };
+
+// A row of scores in the accumulation type.
+template <typename In>
+using ScoreRow = CachedRow<In, ToAcc<In>>;
 
 // This block's row of the [S, 3] row_state tensor.
 template <typename T>
@@ -54,7 +50,7 @@ __device__ RowStats<Acc<In>> row_stats(const ScoreRow<In>& row) {
   using T = Acc<In>;
   RowStats<T> stats = difftopk::empty_stats<T>();
   for (int64_t i = threadIdx.x; i < row.length; i += kBlockThreads) {
-    const T s = Scalar<In>::load(row.global[i]);
+    const T s = row.load(i);
     if (row.cache != nullptr) row.cache[i] = s;
     difftopk::accumulate(stats, s);
   }

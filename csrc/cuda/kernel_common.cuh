@@ -62,6 +62,24 @@ struct Scalar<__nv_bfloat16> {
 template <typename In>
 using Acc = typename Scalar<In>::Acc;
 
+// One segment's elements as `Convert`ed values: from the shared-memory cache when the row
+// fits (the kernel's first pass fills it through load()), otherwise converted again from
+// global memory on every pass.
+template <typename In, typename Convert>
+struct CachedRow {
+  using Value = decltype(Convert{}(In{}));
+
+  const In* global;
+  Value* cache;  // nullptr when the row does not fit
+  int64_t length;
+
+  __device__ __forceinline__ Value load(int64_t i) const { return Convert{}(global[i]); }
+
+  __device__ __forceinline__ Value operator[](int64_t i) const {
+    return cache != nullptr ? cache[i] : load(i);
+  }
+};
+
 struct Segment {
   int64_t begin;
   int64_t length;

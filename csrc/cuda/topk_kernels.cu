@@ -21,20 +21,15 @@ template <typename In>
 using Key = typename topk::KeyOf<Acc<In>>::type;
 
 template <typename In>
-__device__ __forceinline__ Key<In> key_of(In x) {
-  return topk::ordered_key(Scalar<In>::load(x));
-}
-
-template <typename In>
-struct KeyRow {
-  const In* global;
-  Key<In>* cache;  // nullptr when the row does not fit
-  int64_t length;
-
-  __device__ __forceinline__ Key<In> operator[](int64_t i) const {
-    return cache != nullptr ? cache[i] : key_of(global[i]);
+struct ToKey {
+  __device__ __forceinline__ Key<In> operator()(In x) const {
+    return topk::ordered_key(Scalar<In>::load(x));
   }
 };
+
+// A row of scores as their ordered keys.
+template <typename In>
+using KeyRow = CachedRow<In, ToKey<In>>;
 
 template <typename K>
 struct Threshold {
@@ -127,7 +122,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const KeyRow<In> row{scores + segment.begin,
                        n <= cache_capacity ? dynamic_smem<Key<In>>() : nullptr, n};
   if (row.cache != nullptr) {
-    for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) row.cache[i] = key_of(row.global[i]);
+    for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) row.cache[i] = row.load(i);
   }
   write_keep(row, kth_largest_key(row, k_row), k_row, out);
 }
