@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from vsops import reference
+from vsops.ops import validation
 from vsops.ops.registry import LIBRARY, Operator
 
 
@@ -29,13 +30,9 @@ def _triton_topk():
     return topk
 
 
-def _num_segments(scores, cu_seqlens):
-    return scores.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
 def _forward_fake(scores, k, cu_seqlens):
     state = scores.new_empty(
-        (_num_segments(scores, cu_seqlens), 3), dtype=reference.state_dtype_for(scores.dtype)
+        (validation.num_segments(scores, cu_seqlens), 3), dtype=reference.state_dtype_for(scores.dtype)
     )
     return torch.empty_like(scores), state
 
