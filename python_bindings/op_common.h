@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -16,15 +17,25 @@ struct SegmentShape {
 };
 
 // The bounds in cu_seqlens, checked where they can be read without a device sync.
-inline void check_cu_seqlens_on_host(const at::Tensor& scores, const at::Tensor& cu) {
+inline void check_cu_seqlens_on_host(const at::Tensor& cu, int64_t total) {
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t s = cu.numel() - 1;
   TORCH_CHECK_VALUE(c[0] == 0, "vsops: cu_seqlens must start at 0, got ", c[0]);
   for (int64_t i = 0; i < s; ++i) {
     TORCH_CHECK_VALUE(c[i] <= c[i + 1], "vsops: cu_seqlens must be non-decreasing (at ", i, ")");
   }
-  TORCH_CHECK_VALUE(c[s] == scores.numel(), "vsops: cu_seqlens must end at scores.numel() = ",
-                    scores.numel(), ", got ", c[s]);
+  TORCH_CHECK_VALUE(c[s] == total, "vsops: cu_seqlens must end at the number of tokens, ", total,
+                    ", got ", c[s]);
+}
+
+// cu_seqlens of a packed input with `total` tokens on `device`.
+inline void check_cu_seqlens(const at::Tensor& cu, const at::Device& device, int64_t total) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "vsops: cu_seqlens must be int32, got ",
+                   cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(),
+                    "vsops: cu_seqlens must be a contiguous 1-D tensor [S + 1]");
+  TORCH_CHECK_VALUE(cu.device() == device, "vsops: cu_seqlens must be on the device of the input");
+  if (cu.device().is_cpu()) check_cu_seqlens_on_host(cu, total);
 }
 
 inline SegmentShape check_scores_layout(const at::Tensor& scores,
@@ -34,17 +45,10 @@ inline SegmentShape check_scores_layout(const at::Tensor& scores,
                    scores.scalar_type());
   TORCH_CHECK_VALUE(scores.is_contiguous(), "vsops: scores must be contiguous");
   if (cu_seqlens.has_value()) {
-    const at::Tensor& cu = *cu_seqlens;
     TORCH_CHECK_VALUE(scores.dim() == 1, "vsops: packed scores must be 1-D [total], got shape ",
                       scores.sizes());
-    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "vsops: cu_seqlens must be int32, got ",
-                     cu.scalar_type());
-    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(),
-                      "vsops: cu_seqlens must be a contiguous 1-D tensor [S + 1]");
-    TORCH_CHECK_VALUE(cu.device() == scores.device(),
-                      "vsops: cu_seqlens must be on the device of scores");
-    if (cu.device().is_cpu()) check_cu_seqlens_on_host(scores, cu);
-    return SegmentShape{cu.numel() - 1, 0};
+    check_cu_seqlens(*cu_seqlens, scores.device(), scores.numel());
+    return SegmentShape{cu_seqlens->numel() - 1, 0};
   }
   TORCH_CHECK_VALUE(scores.dim() == 2, "vsops: scores must be 2-D [B, N] without cu_seqlens, got shape ",
                     scores.sizes());
@@ -98,6 +102,67 @@ inline void check_backward_inputs(const at::Tensor& grad, const at::Tensor& scor
                     "vsops: row_state must be a contiguous [S, 3] tensor");
   TORCH_CHECK_VALUE(row_state.device() == scores.device(),
                     "vsops: row_state must be on the device of scores");
+}
+
+// --- LIS scoring passes (see vsops/ops/lis.py for the layouts) ---------------------------
+
+struct LisShape {
+  int64_t num_segments;
+  int64_t num_tokens;
+  int64_t row_length;  // N in the padded layout, 0 in the packed one
+  int64_t dim;         // D
+};
+
+// x is [B, N, D] (padded) or [total, D] with cu_seqlens (packed).
+inline LisShape check_lis_input(const at::Tensor& x, const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "vsops: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "vsops: x must be contiguous");
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK_VALUE(x.dim() == 2, "vsops: packed x must be 2-D [total, D], got shape ", x.sizes());
+    check_cu_seqlens(*cu_seqlens, x.device(), x.size(0));
+    return LisShape{cu_seqlens->numel() - 1, x.size(0), 0, x.size(1)};
+  }
+  TORCH_CHECK_VALUE(x.dim() == 3, "vsops: x must be 3-D [B, N, D] without cu_seqlens, got shape ",
+                    x.sizes());
+  return LisShape{x.size(0), x.size(0) * x.size(1), x.size(1), x.size(2)};
+}
+
+// The per-token shape: [B, N] padded, [total] packed.
+inline std::vector<int64_t> lis_token_sizes(const LisShape& shape) {
+  if (shape.row_length == 0) return {shape.num_tokens};
+  return {shape.num_segments, shape.row_length};
+}
+
+// A per-token ([B, N] / [total]) or per-segment ([S, D] / [S]) tensor in the accumulation dtype.
+inline void check_lis_operand(const at::Tensor& t, const char* name, at::IntArrayRef sizes,
+                              at::ScalarType acc, const at::Device& device) {
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, "vsops: ", name, " must be ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == sizes, "vsops: ", name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "vsops: ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.device() == device, "vsops: ", name, " must be on the device of the input");
+}
+
+// lis_input_grad's operands: grad per token, u and w per segment, output dtype.
+inline LisShape check_lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
+                                     const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "vsops: dtype must be a floating-point type, got ", dtype);
+  TORCH_CHECK_VALUE(u.dim() == 2, "vsops: u must be [S, D], got shape ", u.sizes());
+  LisShape shape{};
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK_VALUE(grad.dim() == 1, "vsops: packed grad must be 1-D [total], got shape ", grad.sizes());
+    check_cu_seqlens(*cu_seqlens, grad.device(), grad.size(0));
+    shape = LisShape{cu_seqlens->numel() - 1, grad.size(0), 0, u.size(1)};
+  } else {
+    TORCH_CHECK_VALUE(grad.dim() == 2, "vsops: grad must be 2-D [B, N] without cu_seqlens, got shape ",
+                      grad.sizes());
+    shape = LisShape{grad.size(0), grad.numel(), grad.size(1), u.size(1)};
+  }
+  const at::ScalarType acc = state_dtype_for(dtype);
+  check_lis_operand(grad, "grad", lis_token_sizes(shape), acc, grad.device());
+  check_lis_operand(u, "u", {shape.num_segments, shape.dim}, acc, grad.device());
+  check_lis_operand(w, "w", {shape.num_segments, shape.dim}, acc, grad.device());
+  return shape;
 }
 
 }  // namespace vsops

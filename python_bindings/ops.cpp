@@ -11,10 +11,16 @@ TORCH_LIBRARY(vsops, m) {
       "difftopk_backward(Tensor grad, Tensor scores, Tensor row_state, Tensor? cu_seqlens) "
       "-> Tensor");
   m.def("topk_mask(Tensor scores, Tensor k, Tensor? cu_seqlens) -> Tensor");
+  m.def("lis_segment_sum(Tensor x, Tensor? token_weight, Tensor? cu_seqlens) -> Tensor");
+  m.def("lis_segment_dot(Tensor x, Tensor u, Tensor c, Tensor? cu_seqlens) -> Tensor");
+  m.def("lis_input_grad(Tensor grad, Tensor u, Tensor w, Tensor? cu_seqlens, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vsops, CPU, m) {
   m.impl("difftopk_forward", &vsops::cpu::difftopk_forward);
   m.impl("difftopk_backward", &vsops::cpu::difftopk_backward);
   m.impl("topk_mask", &vsops::cpu::topk_mask);
+  m.impl("lis_segment_sum", &vsops::cpu::lis_segment_sum);
+  m.impl("lis_segment_dot", &vsops::cpu::lis_segment_dot);
+  m.impl("lis_input_grad", &vsops::cpu::lis_input_grad);
 }

@@ -23,6 +23,11 @@ __all__ = [
     "topk_mask",
     "difftopk_algorithm1",
     "state_dtype_for",
+    "segment_ids",
+    "lis_segment_sum",
+    "lis_segment_dot",
+    "lis_input_grad",
+    "lis_score_dense",
 ]
 
 # Bisection steps of the oracle: from a bracket of width w the error is w * 2**-64, below
@@ -190,3 +195,82 @@ class _Algorithm1(torch.autograd.Function):
         v = m * (1 - m)
         uv = grad * v
         return uv - uv.sum(1, keepdim=True) / v.sum(1, keepdim=True) * v, None, None
+
+
+# --- LIS scoring -------------------------------------------------------------------------
+# Layouts: padded ``x [B, N, D]`` (segment b is row b) or packed ``x [total, D]`` with int32
+# ``cu_seqlens [S + 1]``. Per-token values (token weights, scores, grads) are ``[B, N]`` or
+# ``[total]``; per-segment values are ``[S, D]`` / ``[S]``. Everything per-token or
+# per-segment that is not ``x`` itself is in ``state_dtype_for(x.dtype)``.
+
+
+def segment_ids(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """int64 segment index of every token, flat ``[B * N]`` or ``[total]`` (no host sync)."""
+    if cu_seqlens is None:
+        b, n = x.shape[0], x.shape[1]
+        return torch.arange(b, device=x.device).repeat_interleave(n)
+    tokens = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+    return torch.searchsorted(cu_seqlens[1:], tokens, right=True).long()
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _num_segments(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def lis_segment_sum(x: torch.Tensor, token_weight: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
+    """``out[s] = sum_i w_i x_i`` over the tokens of segment s: ``[S, D]``.
+
+    With ``token_weight=None`` the weights are ``1 / n_s`` (the segment mean; 0 for an empty
+    segment), else ``token_weight`` has the per-token shape.
+    """
+    seg = segment_ids(x, cu_seqlens)
+    s = _num_segments(x, cu_seqlens)
+    xt = _tokens(x).double()
+    if token_weight is None:
+        counts = torch.zeros(s, dtype=torch.float64, device=x.device).index_add_(
+            0, seg, torch.ones_like(seg, dtype=torch.float64)
+        )
+        w = (1.0 / counts.clamp(min=1))[seg]
+    else:
+        w = token_weight.reshape(-1).double()
+    out = torch.zeros(s, x.shape[-1], dtype=torch.float64, device=x.device)
+    out.index_add_(0, seg, xt * w.unsqueeze(1))
+    return out.to(state_dtype_for(x.dtype))
+
+
+def lis_segment_dot(x: torch.Tensor, u: torch.Tensor, c: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """Per-token ``x_i . u_s + c_s`` (s the token's segment): ``[B, N]`` or ``[total]``."""
+    seg = segment_ids(x, cu_seqlens)
+    out = (_tokens(x).double() * u.double()[seg]).sum(1) + c.double()[seg]
+    return out.to(state_dtype_for(x.dtype)).reshape(x.shape[:-1])
+
+
+def lis_input_grad(
+    grad: torch.Tensor, u: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor | None, dtype: torch.dtype
+):
+    """Per-token ``grad_i * u_s + w_s``: ``[B, N, D]`` or ``[total, D]`` in ``dtype``."""
+    if cu_seqlens is None:
+        out = grad.double().unsqueeze(2) * u.double().unsqueeze(1) + w.double().unsqueeze(1)
+        return out.to(dtype)
+    seg = segment_ids(grad.unsqueeze(1), cu_seqlens)
+    return (grad.double().unsqueeze(1) * u.double()[seg] + w.double()[seg]).to(dtype)
+
+
+def lis_score_dense(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens=None) -> torch.Tensor:
+    """Eq. 1-2 as published, in float64: ``s = mean_j(Q K^T)_ij / sqrt(d)`` with the N x N
+    matrix materialised, one segment at a time. The tests' oracle and the benchmarks' baseline."""
+    def one(v):
+        q = torch.nn.functional.linear(v, q_weight.double(), None if q_bias is None else q_bias.double())
+        k = torch.nn.functional.linear(v, k_weight.double(), None if k_bias is None else k_bias.double())
+        return (q @ k.T / q_weight.shape[0] ** 0.5).mean(1)
+
+    x = x.double()
+    if cu_seqlens is None:
+        return torch.stack([one(v) for v in x]) if x.shape[0] else x.new_zeros(x.shape[:2])
+    bounds = cu_seqlens.tolist()
+    parts = [one(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts) if parts else x.new_zeros(0)

@@ -19,5 +19,14 @@ at::Tensor difftopk_backward(const at::Tensor& grad, const at::Tensor& scores,
 at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k,
                      const std::optional<at::Tensor>& cu_seqlens);
 
+at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>& token_weight,
+                           const std::optional<at::Tensor>& cu_seqlens);
+
+at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c,
+                           const std::optional<at::Tensor>& cu_seqlens);
+
+at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
+                          const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype);
+
 }  // namespace cpu
 }  // namespace vsops

@@ -1,0 +1,216 @@
+// CPU kernels of the LIS scoring passes (vsops/ops/lis.py): segment sum, segment dot and the
+// input gradient. All three stream x (or dx) once, in chunks of consecutive tokens of one
+// segment so that threads split long segments and batches of short ones alike.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/kernels.h"
+#include "cpu/vec_io.h"
+#include "op_common.h"
+
+namespace vsops {
+namespace cpu {
+namespace {
+
+// Tokens per chunk. Fixed, not derived from the thread count, so results do not depend on it.
+constexpr int64_t kChunkTokens = 128;
+// Columns of the per-segment reduction of chunk partial sums handled per task.
+constexpr int64_t kReduceColumns = 512;
+
+struct Chunk {
+  int64_t segment;
+  int64_t begin;  // token range [begin, end)
+  int64_t end;
+};
+
+struct ChunkPlan {
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first_chunk;  // [S + 1]: segment s owns chunks [first_chunk[s], first_chunk[s + 1])
+};
+
+ChunkPlan plan_chunks(const LisShape& shape, const std::optional<at::Tensor>& cu_seqlens) {
+  const int32_t* cu = cu_seqlens_data(cu_seqlens);
+  ChunkPlan plan;
+  plan.first_chunk.reserve(shape.num_segments + 1);
+  for (int64_t s = 0; s < shape.num_segments; ++s) {
+    plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
+    const int64_t lo = cu ? cu[s] : s * shape.row_length;
+    const int64_t hi = cu ? cu[s + 1] : (s + 1) * shape.row_length;
+    for (int64_t b = lo; b < hi; b += kChunkTokens) {
+      plan.chunks.push_back(Chunk{s, b, std::min(hi, b + kChunkTokens)});
+    }
+  }
+  plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
+  return plan;
+}
+
+template <typename T>
+using Acc = acc_t<T>;
+
+// partial[c] = sum over the tokens i of chunk c of w_i x_i (w_i = 1 without weights).
+template <typename T>
+void sum_chunks(const T* x, const Acc<T>* weight, const ChunkPlan& plan, int64_t dim, Acc<T>* partial) {
+  using IO = VecIO<T>;
+  using AccVec = typename IO::AccVec;
+  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& chunk = plan.chunks[c];
+      Acc<T>* acc = partial + c * dim;
+      std::fill(acc, acc + dim, Acc<T>(0));
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+        const T* row = x + i * dim;
+        const AccVec w(weight ? weight[i] : Acc<T>(1));
+        for (int64_t e = 0; e < dim; e += IO::kStep) {
+          const int64_t count = std::min(IO::kStep, dim - e);
+          AccVec xv[IO::kParts], av[IO::kParts];
+          IO::load(row + e, count, xv);
+          IO::load_acc(acc + e, count, av);
+          for (int q = 0; q < IO::kParts; ++q) {
+            av[q] = weight ? at::vec::fmadd(w, xv[q], av[q]) : av[q] + xv[q];
+          }
+          IO::store_acc(acc + e, count, av);
+        }
+      }
+    }
+  });
+}
+
+// out[s] = scale_s * sum of the segment's chunk partials, in chunk order.
+template <typename Acc>
+void reduce_chunks(const Acc* partial, const ChunkPlan& plan, const LisShape& shape, bool mean, Acc* out) {
+  const int64_t dim = shape.dim;
+  const int64_t blocks = (dim + kReduceColumns - 1) / kReduceColumns;
+  at::parallel_for(0, shape.num_segments * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / blocks;
+      const int64_t col0 = (t % blocks) * kReduceColumns;
+      const int64_t col1 = std::min(dim, col0 + kReduceColumns);
+      Acc* dst = out + s * dim;
+      std::fill(dst + col0, dst + col1, Acc(0));
+      const int64_t first = plan.first_chunk[s], last = plan.first_chunk[s + 1];
+      for (int64_t c = first; c < last; ++c) {
+        const Acc* src = partial + c * dim;
+        for (int64_t j = col0; j < col1; ++j) dst[j] += src[j];
+      }
+      if (mean && last > first) {
+        const Acc tokens = static_cast<Acc>(plan.chunks[last - 1].end - plan.chunks[first].begin);
+        for (int64_t j = col0; j < col1; ++j) dst[j] /= tokens;
+      }
+    }
+  });
+}
+
+template <typename T>
+void dot_tokens(const T* x, const Acc<T>* u, const Acc<T>* c, const ChunkPlan& plan, int64_t dim, Acc<T>* out) {
+  using IO = VecIO<T>;
+  using AccVec = typename IO::AccVec;
+  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const Chunk& chunk = plan.chunks[ci];
+      const Acc<T>* us = u + chunk.segment * dim;
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+        const T* row = x + i * dim;
+        AccVec sum[IO::kParts];
+        for (int q = 0; q < IO::kParts; ++q) sum[q] = AccVec(Acc<T>(0));
+        for (int64_t e = 0; e < dim; e += IO::kStep) {
+          const int64_t count = std::min(IO::kStep, dim - e);
+          AccVec xv[IO::kParts], uv[IO::kParts];
+          IO::load(row + e, count, xv);
+          IO::load_acc(us + e, count, uv);
+          for (int q = 0; q < IO::kParts; ++q) sum[q] = at::vec::fmadd(xv[q], uv[q], sum[q]);
+        }
+        AccVec total = sum[0];
+        for (int q = 1; q < IO::kParts; ++q) total = total + sum[q];
+        out[i] = at::vec::vec_reduce_all<Acc<T>>([](AccVec a, AccVec b) { return a + b; }, total) +
+                 c[chunk.segment];
+      }
+    }
+  });
+}
+
+template <typename T>
+void input_grad_tokens(const Acc<T>* grad, const Acc<T>* u, const Acc<T>* w, const ChunkPlan& plan,
+                       int64_t dim, T* out) {
+  using IO = VecIO<T>;
+  using AccVec = typename IO::AccVec;
+  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const Chunk& chunk = plan.chunks[ci];
+      const Acc<T>* us = u + chunk.segment * dim;
+      const Acc<T>* ws = w + chunk.segment * dim;
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+        const AccVec g(grad[i]);
+        for (int64_t e = 0; e < dim; e += IO::kStep) {
+          const int64_t count = std::min(IO::kStep, dim - e);
+          AccVec uv[IO::kParts], wv[IO::kParts];
+          IO::load_acc(us + e, count, uv);
+          IO::load_acc(ws + e, count, wv);
+          for (int q = 0; q < IO::kParts; ++q) uv[q] = at::vec::fmadd(g, uv[q], wv[q]);
+          IO::store(out + i * dim + e, count, uv);
+        }
+      }
+    }
+  });
+}
+
+#define VSOPS_DISPATCH_LIS(dtype, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vsops_lis", __VA_ARGS__)
+
+}  // namespace
+
+at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>& token_weight,
+                           const std::optional<at::Tensor>& cu_seqlens) {
+  const LisShape shape = check_lis_input(x, cu_seqlens);
+  const at::ScalarType acc = state_dtype_for(x.scalar_type());
+  if (token_weight.has_value()) {
+    check_lis_operand(*token_weight, "token_weight", lis_token_sizes(shape), acc, x.device());
+  }
+  const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
+  at::Tensor out = at::empty({shape.num_segments, shape.dim}, x.options().dtype(acc));
+  at::Tensor partial = at::empty({static_cast<int64_t>(plan.chunks.size()), shape.dim}, out.options());
+  VSOPS_DISPATCH_LIS(x.scalar_type(), [&] {
+    using A = Acc<scalar_t>;
+    const A* weight = token_weight.has_value() ? token_weight->const_data_ptr<A>() : nullptr;
+    sum_chunks(x.const_data_ptr<scalar_t>(), weight, plan, shape.dim, partial.mutable_data_ptr<A>());
+    reduce_chunks(partial.const_data_ptr<A>(), plan, shape, weight == nullptr, out.mutable_data_ptr<A>());
+  });
+  return out;
+}
+
+at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c,
+                           const std::optional<at::Tensor>& cu_seqlens) {
+  const LisShape shape = check_lis_input(x, cu_seqlens);
+  const at::ScalarType acc = state_dtype_for(x.scalar_type());
+  check_lis_operand(u, "u", {shape.num_segments, shape.dim}, acc, x.device());
+  check_lis_operand(c, "c", {shape.num_segments}, acc, x.device());
+  const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
+  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(acc));
+  VSOPS_DISPATCH_LIS(x.scalar_type(), [&] {
+    using A = Acc<scalar_t>;
+    dot_tokens(x.const_data_ptr<scalar_t>(), u.const_data_ptr<A>(), c.const_data_ptr<A>(), plan, shape.dim,
+               out.mutable_data_ptr<A>());
+  });
+  return out;
+}
+
+at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
+                          const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype) {
+  const LisShape shape = check_lis_input_grad(grad, u, w, cu_seqlens, dtype);
+  const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
+  std::vector<int64_t> sizes = lis_token_sizes(shape);
+  sizes.push_back(shape.dim);
+  at::Tensor out = at::empty(sizes, grad.options().dtype(dtype));
+  VSOPS_DISPATCH_LIS(dtype, [&] {
+    using A = Acc<scalar_t>;
+    input_grad_tokens(grad.const_data_ptr<A>(), u.const_data_ptr<A>(), w.const_data_ptr<A>(), plan, shape.dim,
+                      out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace vsops
