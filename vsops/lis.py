@@ -1,0 +1,220 @@
+"""LIS scoring (VisionSelector, Eq. 1-2) without the N x N matrix.
+
+The score of token i of a segment is the mean of its row of ``Q K^T / sqrt(d)``. With no
+softmax in between this collapses exactly (``../ARCHITECTURE.md``, "The math") to
+
+    k_bar = W_k v_bar + b_k,   u = W_q^T k_bar / sqrt(d),   c = b_q . k_bar / sqrt(d),
+    s_i = x_i . u + c,
+
+where ``v_bar`` is the segment mean of x. So the forward is two passes over x (segment mean,
+then one dot product per token) around two GEMVs with the weights, and Q, K and the N x N
+matrix are never formed. With ``g = dL/ds`` and ``G = sum_i g_i`` per segment, the backward is
+one pass over x (``a = sum_i g_i x_i``), rank-1 updates and GEMVs for the weights
+
+    dL/dW_q = k_bar (x) a / sqrt(d),   dL/db_q = G k_bar / sqrt(d),
+    r = (W_q a + G b_q) / sqrt(d),     dL/db_k = r,   dL/dW_k = r (x) v_bar,
+
+and one write pass ``dL/dx_i = g_i u + (W_k^T r) / n``. Extra memory is O(S (D + d)) for S
+segments, never O(N d).
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from vsops import backends
+from vsops.ops import lis as _ops
+from vsops.reference import segment_ids
+
+__all__ = ["lis_score"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(t, name: str, x: torch.Tensor, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens) -> None:
+    """Shape, dtype and device checks (no data read)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if cu_seqlens is None:
+        if x.dim() != 3:
+            raise ValueError(f"x must be [B, N, D] (or [total, D] with cu_seqlens), got shape {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("x has N = 0 tokens per sample: the segment mean of an empty segment is undefined")
+    else:
+        if x.dim() != 2:
+            raise ValueError(f"with cu_seqlens, x must be packed [total, D], got shape {tuple(x.shape)}")
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype != torch.int32:
+            raise TypeError(f"cu_seqlens must be int32 (FlashAttention's convention), got {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
+        if not cu_seqlens.is_contiguous():
+            raise ValueError("cu_seqlens must be contiguous")
+        if cu_seqlens.device != x.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
+    _check_tensor(q_weight, "q_weight", x, 2)
+    _check_tensor(k_weight, "k_weight", x, 2)
+    hidden = x.shape[-1]
+    if q_weight.shape[1] != hidden or k_weight.shape[1] != hidden:
+        raise ValueError(
+            f"q_weight and k_weight must be [d, D] with D = x.shape[-1] = {hidden}, got "
+            f"{tuple(q_weight.shape)} and {tuple(k_weight.shape)}"
+        )
+    if q_weight.shape[0] != k_weight.shape[0]:
+        raise ValueError(
+            f"q_weight and k_weight must have the same projection size d, got {q_weight.shape[0]} and {k_weight.shape[0]}"
+        )
+    for bias, name in ((q_bias, "q_bias"), (k_bias, "k_bias")):
+        if bias is not None:
+            _check_tensor(bias, name, x, 1)
+            if bias.shape[0] != q_weight.shape[0]:
+                raise ValueError(f"{name} must be [d] = [{q_weight.shape[0]}], got shape {tuple(bias.shape)}")
+
+
+def _check_cu_seqlens_data(x: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """cu_seqlens bounds and no empty segment: free on CPU, one host sync on GPU."""
+    if torch.compiler.is_compiling():
+        return
+    c = cu_seqlens
+    checks = [
+        (c[0] != 0, "cu_seqlens must start at 0"),
+        ((c[1:] < c[:-1]).any(), "cu_seqlens must be non-decreasing"),
+        (c[-1] != x.shape[0], f"cu_seqlens must end at the number of tokens, x.shape[0] = {x.shape[0]}"),
+        ((c[1:] == c[:-1]).any(), "cu_seqlens has an empty segment: the segment mean is undefined"),
+    ]
+    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).cpu().tolist()
+    for bad, (_, message) in zip(flags, checks):
+        if bad:
+            raise ValueError(message)
+
+
+def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``vectors @ weight.T`` (``transpose``) or ``vectors @ weight`` in the accumulation dtype.
+
+    Low-precision weights are used as they are (a float32 copy would cost more traffic than
+    the whole scoring pass); the few vectors are scaled into range before their cast, so
+    float16 cannot overflow.
+    """
+    acc = vectors.dtype
+    if weight.dtype == acc:
+        return F.linear(vectors, weight) if transpose else vectors @ weight
+    scale = vectors.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+    low = (vectors / scale).to(weight.dtype)
+    out = F.linear(low, weight) if transpose else low @ weight
+    return out.to(acc) * scale
+
+
+def _segment_totals(values: torch.Tensor, x: torch.Tensor, cu_seqlens, num_segments: int) -> torch.Tensor:
+    if cu_seqlens is None:
+        return values.sum(1)
+    totals = values.new_zeros(num_segments)
+    return totals.index_add_(0, segment_ids(x, cu_seqlens), values)
+
+
+def _segment_lengths(x: torch.Tensor, cu_seqlens, dtype: torch.dtype) -> torch.Tensor:
+    if cu_seqlens is None:
+        return torch.full((x.shape[0],), x.shape[1], dtype=dtype, device=x.device)
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).to(dtype)
+
+
+class _LisScore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q_weight, q_bias, k_weight, k_bias, cu_seqlens, backend):
+        scale = q_weight.shape[0] ** -0.5
+        mean = _ops.segment_sum(x, None, cu_seqlens, backend=backend)
+        k_mean = _times_weight(mean, k_weight, transpose=True)
+        if k_bias is not None:
+            k_mean = k_mean + k_bias.to(mean.dtype)
+        u = _times_weight(k_mean, q_weight, transpose=False) * scale
+        c = (k_mean @ q_bias.to(mean.dtype)) * scale if q_bias is not None else mean.new_zeros(mean.shape[0])
+        scores = _ops.segment_dot(x, u, c, cu_seqlens, backend=backend)
+        ctx.save_for_backward(x, q_weight, q_bias, k_weight, cu_seqlens, mean, k_mean, u)
+        ctx.backend = backend
+        ctx.has_k_bias = k_bias is not None
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, q_weight, q_bias, k_weight, cu_seqlens, mean, k_mean, u = ctx.saved_tensors
+        needs_x, needs_qw, needs_qb, needs_kw, needs_kb = ctx.needs_input_grad[:5]
+        if not any(ctx.needs_input_grad[:5]):
+            return (None,) * 7
+        scale = q_weight.shape[0] ** -0.5
+        g = grad.contiguous().to(mean.dtype)
+        # dL/du and dL/dc, per segment.
+        grad_u = _ops.segment_sum(x, g, cu_seqlens, backend=ctx.backend) * scale
+        grad_c = _segment_totals(g, x, cu_seqlens, mean.shape[0]) * scale
+        r = _times_weight(grad_u, q_weight, transpose=True)
+        if q_bias is not None:
+            r = r + grad_c.unsqueeze(1) * q_bias.to(r.dtype)
+        grad_x = grad_qw = grad_qb = grad_kw = grad_kb = None
+        if needs_qw:
+            grad_qw = (k_mean.T @ grad_u).to(q_weight.dtype)
+        if needs_qb:
+            grad_qb = (grad_c @ k_mean).to(q_weight.dtype)
+        if needs_kw:
+            grad_kw = (r.T @ mean).to(k_weight.dtype)
+        if needs_kb and ctx.has_k_bias:
+            grad_kb = r.sum(0).to(k_weight.dtype)
+        if needs_x:
+            w = _times_weight(r, k_weight, transpose=False) / _segment_lengths(x, cu_seqlens, r.dtype).unsqueeze(1)
+            grad_x = _ops.input_grad(g, u, w, cu_seqlens, x.dtype, backend=ctx.backend)
+        return grad_x, grad_qw, grad_qb, grad_kw, grad_kb, None, None
+
+
+def lis_score(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor | None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Learnable Importance Scorer scores (Eq. 2): ``s_i = mean_j (q_i . k_j) / sqrt(d)``.
+
+    Args:
+        x: visual tokens, ``[B, N, D]`` (each sample one segment of N tokens) or packed
+            ``[total, D]`` with ``cu_seqlens``; float16, bfloat16, float32 or float64.
+        q_weight, k_weight: ``[d, D]`` (``nn.Linear`` layout), dtype and device of ``x``.
+        q_bias, k_bias: ``[d]`` or None.
+        cu_seqlens: int32 ``[S + 1]`` segment offsets into packed ``x``; no segment may be empty
+            (its mean is undefined).
+
+    Returns:
+        float32 scores (float64 for float64 ``x``): ``[B, N]``, or ``[total]`` when packed.
+        Sums accumulate in float32 whatever the input dtype. Differentiable with respect to
+        ``x``, the weights and the biases; see the module docstring for the cost.
+
+    Errors: TypeError or ValueError naming the argument for a wrong dtype, device or shape,
+    mismatched D or d, a non-contiguous or malformed ``cu_seqlens`` and empty segments. The
+    ``cu_seqlens`` data checks cost one host sync on GPU tensors (none under torch.compile).
+    """
+    _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens)
+    if cu_seqlens is not None:
+        _check_cu_seqlens_data(x, cu_seqlens)
+    backend = backends.select(x.device, x.dtype)
+    return _LisScore.apply(
+        x.contiguous(),
+        q_weight.contiguous(),
+        None if q_bias is None else q_bias.contiguous(),
+        k_weight.contiguous(),
+        None if k_bias is None else k_bias.contiguous(),
+        cu_seqlens,
+        backend,
+    )
+
