@@ -52,6 +52,8 @@ LAYOUTS = {
     "padded": lambda dtype, device: (_padded(3, 17, dtype, device), None),
     "ragged": lambda dtype, device: _packed([5, 1, 33, 2, 12], dtype, device),
     "size1": lambda dtype, device: _packed([1, 1, 1], dtype, device),
+    # One segment: the GEMVs with the weights then run through the backend's own passes.
+    "single": lambda dtype, device: (_padded(1, 29, dtype, device), None),
 }
 
 
@@ -87,21 +89,22 @@ def test_long_segment_float32_accuracy(backend):
     _assert_relative(lis_score(x, *weights, cu_seqlens=cu), expected, 1e-4)
 
 
+@pytest.mark.parametrize("layout", ["ragged", "single"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs(backend, dtype):
+def test_low_precision_inputs(backend, dtype, layout):
     name, device = backend
     if name == "triton" and device.type == "cpu":
         pytest.skip("the Triton interpreter runs float32 only")
-    x, cu = LAYOUTS["ragged"](dtype, device)
+    x, cu = LAYOUTS[layout](dtype, device)
     weights = _weights(dtype=dtype, device=device)
     scores = lis_score(x, *weights, cu_seqlens=cu)
     assert scores.dtype == torch.float32
     # The inputs as given (already rounded) in float64; the GEMVs run in the weights' dtype.
-    expected = reference.lis_score_dense(x.cpu(), *(w.cpu() for w in weights), cu.cpu())
+    expected = reference.lis_score_dense(x.cpu(), *(w.cpu() for w in weights), None if cu is None else cu.cpu())
     _assert_relative(scores, expected, 2e-2 if dtype == torch.bfloat16 else 4e-3)
     leaves = [t.clone().requires_grad_(True) for t in (x, *weights)]
     lis_score(*leaves, cu_seqlens=cu).sum().backward()
-    expected_grads = _dense_grads(x, weights, cu, torch.ones(x.shape[0]))
+    expected_grads = _dense_grads(x, weights, cu, torch.ones(x.shape[:-1]))
     for leaf, e in zip(leaves, expected_grads):
         assert leaf.grad.dtype == dtype
         _assert_relative(leaf.grad, e, 3e-2)

@@ -56,9 +56,11 @@ CASES = (
 )
 
 
-def seconds(fn: Callable[[], object], min_run_time: float = 0.3) -> float:
-    """Median seconds per call of ``fn``, with warm-up and device synchronisation."""
-    fn()
+def seconds(fn: Callable[[], object], min_run_time: float = 0.3, warmup: bool = True) -> float:
+    """Median seconds per call of ``fn``, with device synchronisation (and a warm-up call,
+    which a baseline taking seconds per call can skip)."""
+    if warmup:
+        fn()
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
     return timer.blocked_autorange(min_run_time=min_run_time).median
 

@@ -10,7 +10,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, compiled and importable backends, backend per device")
-    bench = commands.add_parser("bench", help="DiffTopK benchmark summary against Algorithm 1 and the bandwidth bound")
+    bench = commands.add_parser(
+        "bench", help="benchmark summaries against the published methods and the bandwidth bound"
+    )
+    bench.add_argument(
+        "--op", default="all", choices=["all", "difftopk", "lis"], help="which operator's table (default: all)"
+    )
+    bench.add_argument(
+        "--no-dense", action="store_true", help="lis: skip baseline (a), the N x N matrix (slow on CPU)"
+    )
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     args = parser.parse_args(argv)
@@ -20,9 +28,15 @@ def main(argv: list[str] | None = None) -> int:
 
         info()
     else:
-        from vsops.bench import summary
+        dtype = getattr(torch, args.dtype)
+        if args.op in ("all", "difftopk"):
+            from vsops import bench
 
-        summary(args.device, getattr(torch, args.dtype))
+            bench.summary(args.device, dtype)
+        if args.op in ("all", "lis"):
+            from vsops import bench_lis
+
+            bench_lis.summary(args.device, dtype, dense=not args.no_dense)
     return 0
 
 

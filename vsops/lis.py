@@ -102,13 +102,22 @@ def _check_cu_seqlens_data(x: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
             raise ValueError(message)
 
 
-def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool) -> torch.Tensor:
+def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool, backend: str) -> torch.Tensor:
     """``vectors @ weight.T`` (``transpose``) or ``vectors @ weight`` in the accumulation dtype.
 
-    Low-precision weights are used as they are (a float32 copy would cost more traffic than
-    the whole scoring pass); the few vectors are scaled into range before their cast, so
-    float16 cannot overflow.
+    One vector (a single segment, the common case) goes through the backend's own streaming
+    passes, with the weight as a segment of ``d`` tokens: ``W v`` is a segment dot and
+    ``v^T W`` a weighted segment sum. They read the weight once at the speed of x, where a
+    library GEMV reaches about two thirds of it on CPU, and accumulate in float32 whatever the
+    weight's dtype. Several vectors use the library GEMM; low-precision weights are then used
+    as they are (a float32 copy would cost more traffic than the scoring passes) and the
+    vectors are scaled into range before their cast, so float16 cannot overflow.
     """
+    if vectors.shape[0] == 1:
+        rows = weight.unsqueeze(0)
+        if transpose:
+            return _ops.segment_dot(rows, vectors, vectors.new_zeros(1), None, backend=backend)
+        return _ops.segment_sum(rows, vectors, None, backend=backend)
     acc = vectors.dtype
     if weight.dtype == acc:
         return F.linear(vectors, weight) if transpose else vectors @ weight
@@ -136,10 +145,10 @@ class _LisScore(torch.autograd.Function):
     def forward(ctx, x, q_weight, q_bias, k_weight, k_bias, cu_seqlens, backend):
         scale = q_weight.shape[0] ** -0.5
         mean = _ops.segment_sum(x, None, cu_seqlens, backend=backend)
-        k_mean = _times_weight(mean, k_weight, transpose=True)
+        k_mean = _times_weight(mean, k_weight, True, backend)
         if k_bias is not None:
             k_mean = k_mean + k_bias.to(mean.dtype)
-        u = _times_weight(k_mean, q_weight, transpose=False) * scale
+        u = _times_weight(k_mean, q_weight, False, backend) * scale
         c = (k_mean @ q_bias.to(mean.dtype)) * scale if q_bias is not None else mean.new_zeros(mean.shape[0])
         scores = _ops.segment_dot(x, u, c, cu_seqlens, backend=backend)
         ctx.save_for_backward(x, q_weight, q_bias, k_weight, cu_seqlens, mean, k_mean, u)
@@ -158,7 +167,7 @@ class _LisScore(torch.autograd.Function):
         # dL/du and dL/dc, per segment.
         grad_u = _ops.segment_sum(x, g, cu_seqlens, backend=ctx.backend) * scale
         grad_c = _segment_totals(g, x, cu_seqlens, mean.shape[0]) * scale
-        r = _times_weight(grad_u, q_weight, transpose=True)
+        r = _times_weight(grad_u, q_weight, True, ctx.backend)
         if q_bias is not None:
             r = r + grad_c.unsqueeze(1) * q_bias.to(r.dtype)
         grad_x = grad_qw = grad_qb = grad_kw = grad_kb = None
@@ -171,7 +180,7 @@ class _LisScore(torch.autograd.Function):
         if needs_kb and ctx.has_k_bias:
             grad_kb = r.sum(0).to(k_weight.dtype)
         if needs_x:
-            w = _times_weight(r, k_weight, transpose=False) / _segment_lengths(x, cu_seqlens, r.dtype).unsqueeze(1)
+            w = _times_weight(r, k_weight, False, ctx.backend) / _segment_lengths(x, cu_seqlens, r.dtype).unsqueeze(1)
             grad_x = _ops.input_grad(g, u, w, cu_seqlens, x.dtype, backend=ctx.backend)
         return grad_x, grad_qw, grad_qb, grad_kw, grad_kb, None, None
 

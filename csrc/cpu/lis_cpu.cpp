@@ -51,6 +51,10 @@ ChunkPlan plan_chunks(const LisShape& shape, const std::optional<at::Tensor>& cu
 template <typename T>
 using Acc = acc_t<T>;
 
+// Tokens accumulated per pass over a chunk's partial row: fewer loads and stores of the
+// partial (which stays in L1) per element of x, and several streams of x in flight at once.
+constexpr int64_t kSumUnroll = 4;
+
 // partial[c] = sum over the tokens i of chunk c of w_i x_i (w_i = 1 without weights).
 template <typename T>
 void sum_chunks(const T* x, const Acc<T>* weight, const ChunkPlan& plan, int64_t dim, Acc<T>* partial) {
@@ -61,16 +65,20 @@ void sum_chunks(const T* x, const Acc<T>* weight, const ChunkPlan& plan, int64_t
       const Chunk& chunk = plan.chunks[c];
       Acc<T>* acc = partial + c * dim;
       std::fill(acc, acc + dim, Acc<T>(0));
-      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-        const T* row = x + i * dim;
-        const AccVec w(weight ? weight[i] : Acc<T>(1));
+      for (int64_t i = chunk.begin; i < chunk.end; i += kSumUnroll) {
+        const int64_t rows = std::min(kSumUnroll, chunk.end - i);
+        AccVec w[kSumUnroll];
+        for (int64_t r = 0; r < rows; ++r) w[r] = AccVec(weight ? weight[i + r] : Acc<T>(1));
         for (int64_t e = 0; e < dim; e += IO::kStep) {
           const int64_t count = std::min(IO::kStep, dim - e);
-          AccVec xv[IO::kParts], av[IO::kParts];
-          IO::load(row + e, count, xv);
+          AccVec av[IO::kParts];
           IO::load_acc(acc + e, count, av);
-          for (int q = 0; q < IO::kParts; ++q) {
-            av[q] = weight ? at::vec::fmadd(w, xv[q], av[q]) : av[q] + xv[q];
+          for (int64_t r = 0; r < rows; ++r) {
+            AccVec xv[IO::kParts];
+            IO::load(x + (i + r) * dim + e, count, xv);
+            for (int q = 0; q < IO::kParts; ++q) {
+              av[q] = weight ? at::vec::fmadd(w[r], xv[q], av[q]) : av[q] + xv[q];
+            }
           }
           IO::store_acc(acc + e, count, av);
         }
@@ -104,6 +112,9 @@ void reduce_chunks(const Acc* partial, const ChunkPlan& plan, const LisShape& sh
   });
 }
 
+// Tokens whose dot products share each load of u.
+constexpr int64_t kDotUnroll = 2;
+
 template <typename T>
 void dot_tokens(const T* x, const Acc<T>* u, const Acc<T>* c, const ChunkPlan& plan, int64_t dim, Acc<T>* out) {
   using IO = VecIO<T>;
@@ -112,21 +123,28 @@ void dot_tokens(const T* x, const Acc<T>* u, const Acc<T>* c, const ChunkPlan& p
     for (int64_t ci = c0; ci < c1; ++ci) {
       const Chunk& chunk = plan.chunks[ci];
       const Acc<T>* us = u + chunk.segment * dim;
-      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-        const T* row = x + i * dim;
-        AccVec sum[IO::kParts];
-        for (int q = 0; q < IO::kParts; ++q) sum[q] = AccVec(Acc<T>(0));
+      for (int64_t i = chunk.begin; i < chunk.end; i += kDotUnroll) {
+        const int64_t rows = std::min(kDotUnroll, chunk.end - i);
+        AccVec sum[kDotUnroll][IO::kParts];
+        for (auto& row : sum) {
+          for (auto& part : row) part = AccVec(Acc<T>(0));
+        }
         for (int64_t e = 0; e < dim; e += IO::kStep) {
           const int64_t count = std::min(IO::kStep, dim - e);
-          AccVec xv[IO::kParts], uv[IO::kParts];
-          IO::load(row + e, count, xv);
+          AccVec uv[IO::kParts];
           IO::load_acc(us + e, count, uv);
-          for (int q = 0; q < IO::kParts; ++q) sum[q] = at::vec::fmadd(xv[q], uv[q], sum[q]);
+          for (int64_t r = 0; r < rows; ++r) {
+            AccVec xv[IO::kParts];
+            IO::load(x + (i + r) * dim + e, count, xv);
+            for (int q = 0; q < IO::kParts; ++q) sum[r][q] = at::vec::fmadd(xv[q], uv[q], sum[r][q]);
+          }
         }
-        AccVec total = sum[0];
-        for (int q = 1; q < IO::kParts; ++q) total = total + sum[q];
-        out[i] = at::vec::vec_reduce_all<Acc<T>>([](AccVec a, AccVec b) { return a + b; }, total) +
-                 c[chunk.segment];
+        for (int64_t r = 0; r < rows; ++r) {
+          AccVec total = sum[r][0];
+          for (int q = 1; q < IO::kParts; ++q) total = total + sum[r][q];
+          out[i + r] = at::vec::vec_reduce_all<Acc<T>>([](AccVec a, AccVec b) { return a + b; }, total) +
+                       c[chunk.segment];
+        }
       }
     }
   });
