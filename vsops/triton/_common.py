@@ -18,10 +18,10 @@ ELEMENTS_PER_THREAD = 8
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_dtype(scores: torch.Tensor, op: str) -> None:
-    if scores.dtype not in SUPPORTED_DTYPES:
+def check_dtype(dtype: torch.dtype, op: str, what: str = "scores") -> None:
+    if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"vsops.triton.{op}: scores must be float16, bfloat16 or float32, got {scores.dtype} "
+            f"vsops.triton.{op}: {what} must be float16, bfloat16 or float32, got {dtype} "
             "(float64 is served by the compiled and reference backends)"
         )
 

@@ -227,7 +227,7 @@ def difftopk_forward(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Te
                      *, max_seqlen: int | None = None):
     """Same contract as ``vsops.reference.difftopk_forward`` for float16/bfloat16/float32;
     ``row_state`` is float32. ``max_seqlen`` (packed layout) avoids a host sync."""
-    _common.check_dtype(scores, "difftopk_forward")
+    _common.check_dtype(scores.dtype, "difftopk_forward")
     scores = scores.contiguous()
     segments, row_len, block, stream, num_warps = _common.launch_geometry(
         scores, cu_seqlens, max_seqlen)
@@ -243,7 +243,7 @@ def difftopk_forward(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Te
 def difftopk_backward(grad: torch.Tensor, scores: torch.Tensor, row_state: torch.Tensor,
                       cu_seqlens: torch.Tensor | None, *, max_seqlen: int | None = None):
     """Same contract as ``vsops.reference.difftopk_backward`` for float16/bfloat16/float32."""
-    _common.check_dtype(scores, "difftopk_backward")
+    _common.check_dtype(scores.dtype, "difftopk_backward")
     scores = scores.contiguous()
     segments, row_len, block, stream, num_warps = _common.launch_geometry(
         scores, cu_seqlens, max_seqlen)

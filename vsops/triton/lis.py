@@ -185,14 +185,6 @@ class _Layout:
         return cu, self.row_len, self.tokens, self.segments, self.search_top
 
 
-def _check_dtype(dtype: torch.dtype, what: str, op: str) -> None:
-    if dtype not in _common.SUPPORTED_DTYPES:
-        raise TypeError(
-            f"vsops.triton.{op}: {what} must be float16, bfloat16 or float32, got {dtype} "
-            "(float64 is served by the compiled and reference backends)"
-        )
-
-
 def _block_columns(dim: int) -> int:
     return min(TILE_COLUMNS, triton.next_power_of_2(dim))
 
@@ -200,7 +192,7 @@ def _block_columns(dim: int) -> int:
 def lis_segment_sum(x: torch.Tensor, token_weight: torch.Tensor | None,
                     cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Same contract as ``vsops.reference.lis_segment_sum`` for float16/bfloat16/float32 x."""
-    _check_dtype(x.dtype, "x", "lis_segment_sum")
+    _common.check_dtype(x.dtype, "lis_segment_sum", "x")
     layout = _Layout(x.shape[:-1], cu_seqlens)
     dim = x.shape[-1]
     assert token_weight is None or token_weight.shape == x.shape[:-1], token_weight.shape
@@ -227,7 +219,7 @@ def lis_segment_sum(x: torch.Tensor, token_weight: torch.Tensor | None,
 def lis_segment_dot(x: torch.Tensor, u: torch.Tensor, c: torch.Tensor,
                     cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Same contract as ``vsops.reference.lis_segment_dot`` for float16/bfloat16/float32 x."""
-    _check_dtype(x.dtype, "x", "lis_segment_dot")
+    _common.check_dtype(x.dtype, "lis_segment_dot", "x")
     layout = _Layout(x.shape[:-1], cu_seqlens)
     dim = x.shape[-1]
     assert u.shape == (layout.segments, dim) and c.shape == (layout.segments,), (u.shape, c.shape)
@@ -245,7 +237,7 @@ def lis_input_grad(grad: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
                    cu_seqlens: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Same contract as ``vsops.reference.lis_input_grad`` for a float16/bfloat16/float32
     ``dtype`` (grad, u and w float32)."""
-    _check_dtype(dtype, "dtype", "lis_input_grad")
+    _common.check_dtype(dtype, "lis_input_grad", "dtype")
     layout = _Layout(grad.shape, cu_seqlens)
     dim = u.shape[-1]
     assert u.shape == (layout.segments, dim) and w.shape == u.shape, (u.shape, w.shape)

@@ -87,7 +87,7 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | 
               max_seqlen: int | None = None) -> torch.Tensor:
     """Same contract as ``vsops.reference.topk_mask`` for float16/bfloat16/float32.
     ``max_seqlen`` (packed layout) avoids a host sync."""
-    _common.check_dtype(scores, "topk_mask")
+    _common.check_dtype(scores.dtype, "topk_mask")
     scores = scores.contiguous()
     segments, row_len, block, stream, num_warps = _common.launch_geometry(
         scores, cu_seqlens, max_seqlen)
