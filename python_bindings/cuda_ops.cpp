@@ -6,6 +6,7 @@
 // cuSOLVER includes this file does not need.
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -93,6 +94,64 @@ at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k,
   return keep;
 }
 
+cuda::LisLayout lis_layout(const LisShape& shape, const std::optional<at::Tensor>& cu_seqlens) {
+  return cuda::LisLayout{
+      cuda::SegmentLayout{cu_seqlens_data(cu_seqlens), shape.num_segments, shape.row_length},
+      shape.num_tokens, shape.dim};
+}
+
+// The partial sums of the token chunks live in a workspace from the caching allocator: it is
+// stream-ordered, so freeing it here while the kernels still run is safe.
+at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>& token_weight,
+                           const std::optional<at::Tensor>& cu_seqlens) {
+  const LisShape shape = check_lis_input(x, cu_seqlens);
+  const at::ScalarType acc = state_dtype_for(x.scalar_type());
+  if (token_weight.has_value()) {
+    check_lis_operand(*token_weight, "token_weight", lis_token_sizes(shape), acc, x.device());
+  }
+  const cuda::ScalarKind dtype = scalar_kind(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::LisLayout layout = lis_layout(shape, cu_seqlens);
+  at::Tensor out = at::empty({shape.num_segments, shape.dim}, x.options().dtype(acc));
+  at::Tensor workspace =
+      at::empty({cuda::lis_segment_sum_workspace_rows(layout), shape.dim}, out.options());
+  const cuda::LisSegmentSumParams params{
+      x.const_data_ptr(), token_weight.has_value() ? token_weight->const_data_ptr() : nullptr,
+      workspace.mutable_data_ptr(), out.mutable_data_ptr(), layout, dtype};
+  check_launch(cuda::launch_lis_segment_sum(params, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c,
+                           const std::optional<at::Tensor>& cu_seqlens) {
+  const LisShape shape = check_lis_input(x, cu_seqlens);
+  const at::ScalarType acc = state_dtype_for(x.scalar_type());
+  check_lis_operand(u, "u", {shape.num_segments, shape.dim}, acc, x.device());
+  check_lis_operand(c, "c", {shape.num_segments}, acc, x.device());
+  const cuda::ScalarKind dtype = scalar_kind(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(acc));
+  const cuda::LisSegmentDotParams params{x.const_data_ptr(), u.const_data_ptr(), c.const_data_ptr(),
+                                         out.mutable_data_ptr(), lis_layout(shape, cu_seqlens),
+                                         dtype};
+  check_launch(cuda::launch_lis_segment_dot(params, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
+                          const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype) {
+  const LisShape shape = check_lis_input_grad(grad, u, w, cu_seqlens, dtype);
+  const cuda::ScalarKind kind = scalar_kind(dtype);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  std::vector<int64_t> sizes = lis_token_sizes(shape);
+  sizes.push_back(shape.dim);
+  at::Tensor out = at::empty(sizes, grad.options().dtype(dtype));
+  const cuda::LisInputGradParams params{grad.const_data_ptr(), u.const_data_ptr(), w.const_data_ptr(),
+                                        out.mutable_data_ptr(), lis_layout(shape, cu_seqlens), kind};
+  check_launch(cuda::launch_lis_input_grad(params, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 }  // namespace vsops
 
@@ -100,4 +159,7 @@ TORCH_LIBRARY_IMPL(vsops, CUDA, m) {
   m.impl("difftopk_forward", &vsops::difftopk_forward);
   m.impl("difftopk_backward", &vsops::difftopk_backward);
   m.impl("topk_mask", &vsops::topk_mask);
+  m.impl("lis_segment_sum", &vsops::lis_segment_sum);
+  m.impl("lis_segment_dot", &vsops::lis_segment_dot);
+  m.impl("lis_input_grad", &vsops::lis_input_grad);
 }

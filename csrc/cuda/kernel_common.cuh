@@ -1,4 +1,4 @@
-// Device and launch helpers shared by the one-block-per-segment kernels of csrc/cuda.
+// Device and launch helpers shared by the kernels of csrc/cuda.
 #pragma once
 
 #include <cstdint>
@@ -113,6 +113,17 @@ __device__ __forceinline__ V shuffle_xor(const V& value, int lane_mask) {
   return out;
 }
 
+// Reduces one value per lane with `op` in a fixed butterfly order; every lane gets the same
+// total. Must be reached by all 32 lanes of the warp.
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_allreduce(V value, Op op) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = op(value, shuffle_xor(value, offset));
+  }
+  return value;
+}
+
 // Reduces one value per thread with `op`; every thread gets the same total. The partials are
 // folded in a fixed order by every thread, so callers that branch on the total (the Newton
 // search, the radix select) take the same path in every thread and the result is
@@ -120,10 +131,7 @@ __device__ __forceinline__ V shuffle_xor(const V& value, int lane_mask) {
 template <typename V, typename Op>
 __device__ V block_allreduce(V value, Op op) {
   __shared__ V partials[kWarps];
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value = op(value, shuffle_xor(value, offset));
-  }
+  value = warp_allreduce(value, op);
   if (threadIdx.x % kWarpSize == 0) partials[threadIdx.x / kWarpSize] = value;
   __syncthreads();
   V total = partials[0];
@@ -156,12 +164,9 @@ struct ScalarTag {
   using type = In;
 };
 
-// Runs launch(ScalarTag<In>{}) for the input dtype, after the checks every one-block-per-
-// segment launch needs: an empty grid is a launch error, and grid.x is 31 bits.
+// Runs launch(ScalarTag<In>{}) for the element type of dtype.
 template <typename Launch>
-cudaError_t launch_per_segment(const SegmentLayout& layout, ScalarKind dtype, Launch&& launch) {
-  if (layout.num_segments == 0) return cudaSuccess;
-  if (layout.num_segments > kMaxGridX) return cudaErrorInvalidConfiguration;
+cudaError_t dispatch_scalar(ScalarKind dtype, Launch&& launch) {
   switch (dtype) {
     case ScalarKind::kFloat16:
       return launch(ScalarTag<__half>{});
@@ -173,6 +178,15 @@ cudaError_t launch_per_segment(const SegmentLayout& layout, ScalarKind dtype, La
       return launch(ScalarTag<double>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// dispatch_scalar() after the checks every one-block-per-segment launch needs: an empty grid
+// is a launch error, and grid.x is 31 bits.
+template <typename Launch>
+cudaError_t launch_per_segment(const SegmentLayout& layout, ScalarKind dtype, Launch&& launch) {
+  if (layout.num_segments == 0) return cudaSuccess;
+  if (layout.num_segments > kMaxGridX) return cudaErrorInvalidConfiguration;
+  return dispatch_scalar(dtype, launch);
 }
 
 }  // namespace cuda

@@ -47,9 +47,57 @@ struct TopKMaskParams {
   ScalarKind dtype;
 };
 
+// Tokens of the LIS scoring passes: rows of `dim` elements, grouped into segments by
+// `segments` (row_length = N tokens in the padded layout [B, N, D], cu_seqlens in the packed
+// one [total, D]). Per-token and per-segment operands are in the accumulation type: float64
+// when the element type is kFloat64, float32 otherwise.
+struct LisLayout {
+  SegmentLayout segments;
+  int64_t num_tokens;
+  int64_t dim;
+};
+
+// out[s] = sum_i w_i x_i over the tokens of segment s, with w_i = 1 / n_s (0 for an empty
+// segment) when token_weight is nullptr.
+struct LisSegmentSumParams {
+  const void* x;             // [num_tokens, dim], dtype
+  const void* token_weight;  // [num_tokens] or nullptr
+  void* workspace;           // [lis_segment_sum_workspace_rows(layout), dim]
+  void* out;                 // [num_segments, dim]
+  LisLayout layout;
+  ScalarKind dtype;
+};
+
+// out[i] = x_i . u_s + c_s for each token i of segment s.
+struct LisSegmentDotParams {
+  const void* x;  // [num_tokens, dim], dtype
+  const void* u;  // [num_segments, dim]
+  const void* c;  // [num_segments]
+  void* out;      // [num_tokens]
+  LisLayout layout;
+  ScalarKind dtype;
+};
+
+// out[i] = grad_i * u_s + w_s for each token i of segment s.
+struct LisInputGradParams {
+  const void* grad;  // [num_tokens]
+  const void* u;     // [num_segments, dim]
+  const void* w;     // [num_segments, dim]
+  void* out;         // [num_tokens, dim], dtype
+  LisLayout layout;
+  ScalarKind dtype;
+};
+
 cudaError_t launch_difftopk_forward(const DiffTopKForwardParams& params, cudaStream_t stream);
 cudaError_t launch_difftopk_backward(const DiffTopKBackwardParams& params, cudaStream_t stream);
 cudaError_t launch_topk_mask(const TopKMaskParams& params, cudaStream_t stream);
+
+// Rows of the partial-sum workspace launch_lis_segment_sum needs; known on the host whatever
+// the lengths in a device cu_seqlens.
+int64_t lis_segment_sum_workspace_rows(const LisLayout& layout);
+cudaError_t launch_lis_segment_sum(const LisSegmentSumParams& params, cudaStream_t stream);
+cudaError_t launch_lis_segment_dot(const LisSegmentDotParams& params, cudaStream_t stream);
+cudaError_t launch_lis_input_grad(const LisInputGradParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vsops
