@@ -14,7 +14,6 @@ from vsops import bench, bench_lis
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = {case.name: case for case in bench_lis.CASES}
-PASSES = {"fwd": 0, "fwd+bwd": 1}
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +21,22 @@ def bandwidth():
     return bench.copy_bandwidth(DEVICE)
 
 
-@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("which", bench_lis.PASSES)
 @pytest.mark.parametrize("name", CASES)
 def test_lis_score(benchmark, bandwidth, name, which):
     case = CASES[name]
     x, cu, weights = case.make(DEVICE)
     benchmark.group = f"lis-{which}-{name}"
-    benchmark(bench_lis.timed_fns("vsops", x, cu, weights)[PASSES[which]])
+    benchmark(bench_lis.timed_fns("vsops", x, cu, weights)[which])
     if benchmark.disabled:
         return
     ours = benchmark.stats.stats.median
-    bound = bench_lis.bound_bytes(x, weights)[PASSES[which]] / bandwidth
+    bound = bench_lis.bound_bytes(x, weights)[which] / bandwidth
     benchmark.extra_info["share_of_bandwidth_bound"] = round(bound / ours, 3)
     speedups = {}
     for method in ("factored", "dense"):
         slow = method == "dense" and max(case.lengths) >= 8192
-        baseline = bench_lis.timed_fns(method, x, cu, weights)[PASSES[which]]
+        baseline = bench_lis.timed_fns(method, x, cu, weights)[which]
         speedups[method] = bench.seconds(baseline, warmup=not slow) / ours
         benchmark.extra_info[f"speedup_vs_{method}"] = round(speedups[method], 1)
     if DEVICE.type == "cpu" and name == "N=4096" and which == "fwd":

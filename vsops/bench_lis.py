@@ -80,14 +80,18 @@ def factored_eq2(v, q_weight, q_bias, k_weight, k_bias):
 
 def _per_image(fn, x, cu):
     if cu is None:
-        return lambda *w: fn(x[0], *w)
+        return lambda *w: fn(x[0], *w).unsqueeze(0)
     bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
     return lambda *w: [fn(x[a:b], *w) for a, b in bounds]
 
 
-def timed_fns(method: str, x, cu, weights) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(forward, forward + backward) closures of ``method`` in {"vsops", "dense", "factored"}.
-    The backward differentiates with respect to x and all four weights."""
+PASSES = ("fwd", "fwd+bwd", "scorer fwd+bwd")
+"""Timed passes: the forward; forward + backward to x and the four weights; and forward +
+backward to the weights only, x frozen, which is how the scorer trains on a frozen backbone."""
+
+
+def timed_fns(method: str, x, cu, weights) -> dict[str, Callable[[], object]]:
+    """One closure per pass in PASSES, for ``method`` in {"vsops", "dense", "factored"}."""
     if method == "vsops":
         def run(x_, *w):
             return lis_score(x_, *w, cu_seqlens=cu)
@@ -97,27 +101,34 @@ def timed_fns(method: str, x, cu, weights) -> tuple[Callable[[], object], Callab
         def run(x_, *w):
             out = _per_image(base, x_, cu)(*w)
             return torch.cat(out) if isinstance(out, list) else out
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, *weights)]
     grad = torch.randn(x.shape[:-1], device=x.device)
 
-    def forward():
-        return run(x, *weights)
+    def backward_fn(leaves):
+        def forward_backward():
+            out = run(*leaves)
+            out.backward(grad.to(out.dtype))
+            for t in leaves:
+                t.grad = None
 
-    def forward_backward():
-        out = run(*leaves)
-        out.backward(grad.to(out.dtype))
-        for t in leaves:
-            t.grad = None
+        return forward_backward
 
-    return forward, forward_backward
+    trainable = [t.detach().clone().requires_grad_(True) for t in weights]
+    return {
+        "fwd": lambda: run(x, *weights),
+        "fwd+bwd": backward_fn([x.detach().clone().requires_grad_(True), *trainable]),
+        "scorer fwd+bwd": backward_fn([x, *trainable]),
+    }
 
 
-def bound_bytes(x, weights) -> tuple[int, int]:
-    """Minimum traffic: forward reads x twice and the weights once; forward + backward also
-    reads x once more, writes dx, reads both weights again and writes their gradients."""
+def bound_bytes(x, weights) -> dict[str, int]:
+    """Minimum traffic per pass. The forward reads x twice and the weights once. The backward
+    reads x once more and the weights again, writes the weights' gradients and, when x needs
+    one, writes dx; without dx only W_q is read again (W_k^T r is dx's term)."""
     xb = x.numel() * x.element_size()
     wb = sum(t.numel() * t.element_size() for t in weights if t is not None)
-    return 2 * xb + wb, 4 * xb + 3 * wb
+    qb = weights[0].numel() * weights[0].element_size()
+    forward = 2 * xb + wb
+    return {"fwd": forward, "fwd+bwd": forward + 2 * xb + 2 * wb, "scorer fwd+bwd": forward + xb + qb + wb}
 
 
 @dataclasses.dataclass
@@ -125,7 +136,7 @@ class LisRow:
     case: str
     dtype: str
     backend: str
-    ms: dict  # {(method, pass): milliseconds}, pass in {"fwd", "fwd+bwd"}
+    ms: dict  # {(method, pass): milliseconds}, pass in PASSES
     bound_share: dict  # {pass: share of the bandwidth bound reached by vsops}
 
     def speedup(self, method: str, which: str) -> float:
@@ -138,21 +149,17 @@ def measure_case(case: LisCase, device, dtype=torch.float32, bandwidth=None, den
     x, cu, weights = case.make(device, dtype)
     ms = {}
     for method in ("vsops", "factored") + (("dense",) if dense else ()):
-        fwd, fwd_bwd = timed_fns(method, x, cu, weights)
         # The dense baseline takes seconds per call at N = 16384: one timed call, no warm-up.
         slow = method == "dense" and max(case.lengths) >= 8192
-        ms[(method, "fwd")] = 1e3 * seconds(fwd, 0.3, warmup=not slow)
-        ms[(method, "fwd+bwd")] = 1e3 * seconds(fwd_bwd, 0.3, warmup=not slow)
-    fwd_bytes, fwd_bwd_bytes = bound_bytes(x, weights)
+        for which, fn in timed_fns(method, x, cu, weights).items():
+            ms[(method, which)] = 1e3 * seconds(fn, 0.3, warmup=not slow)
+    nbytes = bound_bytes(x, weights)
     return LisRow(
         case=case.name,
         dtype=str(dtype).replace("torch.", ""),
         backend=backends.select(x.device, dtype),
         ms=ms,
-        bound_share={
-            "fwd": 1e3 * fwd_bytes / bandwidth / ms[("vsops", "fwd")],
-            "fwd+bwd": 1e3 * fwd_bwd_bytes / bandwidth / ms[("vsops", "fwd+bwd")],
-        },
+        bound_share={which: 1e3 * nbytes[which] / bandwidth / ms[("vsops", which)] for which in PASSES},
     )
 
 
@@ -168,7 +175,7 @@ def print_table(rows: list[LisRow], bandwidth: float, device, file: TextIO = sys
     )
     print("|" + "---|" * 10, file=file)
     for r in rows:
-        for which in ("fwd", "fwd+bwd"):
+        for which in PASSES:
             dense = (
                 f"{r.ms[('dense', which)]:.1f} | {r.speedup('dense', which):.0f}x"
                 if ("dense", which) in r.ms

@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
+
+# glibc returns every freed buffer over 32 MiB to the kernel, so each fresh large output
+# (dx, a weight gradient, a baseline's Q and K) costs one page fault per 4 KiB page: ~20 ms
+# per 58 MB on small VMs, for PyTorch's own ops as much as ours. The benchmarks run with
+# glibc told to keep freed memory, so that they time the kernels and not the VM's kernel.
+BENCH_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
         info()
     else:
+        if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+            os.environ["GLIBC_TUNABLES"] = BENCH_MALLOC_TUNABLES
+            command = sys.argv[1:] if argv is None else argv
+            os.execv(sys.executable, [sys.executable, "-m", "vsops.cli", *command])
         dtype = getattr(torch, args.dtype)
         if args.op in ("all", "difftopk"):
             from vsops import bench

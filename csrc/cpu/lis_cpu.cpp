@@ -51,37 +51,33 @@ ChunkPlan plan_chunks(const LisShape& shape, const std::optional<at::Tensor>& cu
 template <typename T>
 using Acc = acc_t<T>;
 
-// Tokens accumulated per pass over a chunk's partial row: fewer loads and stores of the
-// partial (which stays in L1) per element of x, and several streams of x in flight at once.
-constexpr int64_t kSumUnroll = 4;
+// acc += w x for one token (w = 1 without weights). The partial row acc stays in L1; one
+// token at a time, because streaming several rows of x per thread at once measured slower.
+template <typename T>
+void accumulate_row(const T* x, const Acc<T>* weight, int64_t dim, Acc<T>* acc) {
+  using IO = VecIO<T>;
+  using AccVec = typename IO::AccVec;
+  const AccVec w(weight ? *weight : Acc<T>(1));
+  for (int64_t e = 0; e < dim; e += IO::kStep) {
+    const int64_t count = std::min(IO::kStep, dim - e);
+    AccVec av[IO::kParts], xv[IO::kParts];
+    IO::load_acc(acc + e, count, av);
+    IO::load(x + e, count, xv);
+    for (int q = 0; q < IO::kParts; ++q) av[q] = weight ? at::vec::fmadd(w, xv[q], av[q]) : av[q] + xv[q];
+    IO::store_acc(acc + e, count, av);
+  }
+}
 
 // partial[c] = sum over the tokens i of chunk c of w_i x_i (w_i = 1 without weights).
 template <typename T>
 void sum_chunks(const T* x, const Acc<T>* weight, const ChunkPlan& plan, int64_t dim, Acc<T>* partial) {
-  using IO = VecIO<T>;
-  using AccVec = typename IO::AccVec;
   at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& chunk = plan.chunks[c];
       Acc<T>* acc = partial + c * dim;
       std::fill(acc, acc + dim, Acc<T>(0));
-      for (int64_t i = chunk.begin; i < chunk.end; i += kSumUnroll) {
-        const int64_t rows = std::min(kSumUnroll, chunk.end - i);
-        AccVec w[kSumUnroll];
-        for (int64_t r = 0; r < rows; ++r) w[r] = AccVec(weight ? weight[i + r] : Acc<T>(1));
-        for (int64_t e = 0; e < dim; e += IO::kStep) {
-          const int64_t count = std::min(IO::kStep, dim - e);
-          AccVec av[IO::kParts];
-          IO::load_acc(acc + e, count, av);
-          for (int64_t r = 0; r < rows; ++r) {
-            AccVec xv[IO::kParts];
-            IO::load(x + (i + r) * dim + e, count, xv);
-            for (int q = 0; q < IO::kParts; ++q) {
-              av[q] = weight ? at::vec::fmadd(w[r], xv[q], av[q]) : av[q] + xv[q];
-            }
-          }
-          IO::store_acc(acc + e, count, av);
-        }
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+        accumulate_row(x + i * dim, weight ? weight + i : nullptr, dim, acc);
       }
     }
   });
@@ -112,40 +108,50 @@ void reduce_chunks(const Acc* partial, const ChunkPlan& plan, const LisShape& sh
   });
 }
 
-// Tokens whose dot products share each load of u.
-constexpr int64_t kDotUnroll = 2;
+// Independent partial sums per dot product: a single chain of fused multiply-adds would
+// wait on its latency. (Interleaving tokens instead, to share the loads of u, measured
+// slower: two streams of x per thread stream worse than one.)
+constexpr int kDotChains = 4;
+
+template <typename T>
+Acc<T> dot_row(const T* x, const Acc<T>* u, int64_t dim) {
+  using IO = VecIO<T>;
+  using AccVec = typename IO::AccVec;
+  AccVec sum[kDotChains][IO::kParts];
+  for (auto& chain : sum) {
+    for (auto& part : chain) part = AccVec(Acc<T>(0));
+  }
+  int64_t e = 0;
+  for (; e + kDotChains * IO::kStep <= dim; e += kDotChains * IO::kStep) {
+    for (int k = 0; k < kDotChains; ++k) {
+      AccVec xv[IO::kParts], uv[IO::kParts];
+      IO::load(x + e + k * IO::kStep, xv);
+      IO::load_acc(u + e + k * IO::kStep, IO::kStep, uv);
+      for (int q = 0; q < IO::kParts; ++q) sum[k][q] = at::vec::fmadd(xv[q], uv[q], sum[k][q]);
+    }
+  }
+  for (; e < dim; e += IO::kStep) {
+    const int64_t count = std::min(IO::kStep, dim - e);
+    AccVec xv[IO::kParts], uv[IO::kParts];
+    IO::load(x + e, count, xv);
+    IO::load_acc(u + e, count, uv);
+    for (int q = 0; q < IO::kParts; ++q) sum[0][q] = at::vec::fmadd(xv[q], uv[q], sum[0][q]);
+  }
+  AccVec total(Acc<T>(0));
+  for (const auto& chain : sum) {
+    for (const auto& part : chain) total = total + part;
+  }
+  return at::vec::vec_reduce_all<Acc<T>>([](AccVec a, AccVec b) { return a + b; }, total);
+}
 
 template <typename T>
 void dot_tokens(const T* x, const Acc<T>* u, const Acc<T>* c, const ChunkPlan& plan, int64_t dim, Acc<T>* out) {
-  using IO = VecIO<T>;
-  using AccVec = typename IO::AccVec;
   at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ci = c0; ci < c1; ++ci) {
       const Chunk& chunk = plan.chunks[ci];
       const Acc<T>* us = u + chunk.segment * dim;
-      for (int64_t i = chunk.begin; i < chunk.end; i += kDotUnroll) {
-        const int64_t rows = std::min(kDotUnroll, chunk.end - i);
-        AccVec sum[kDotUnroll][IO::kParts];
-        for (auto& row : sum) {
-          for (auto& part : row) part = AccVec(Acc<T>(0));
-        }
-        for (int64_t e = 0; e < dim; e += IO::kStep) {
-          const int64_t count = std::min(IO::kStep, dim - e);
-          AccVec uv[IO::kParts];
-          IO::load_acc(us + e, count, uv);
-          for (int64_t r = 0; r < rows; ++r) {
-            AccVec xv[IO::kParts];
-            IO::load(x + (i + r) * dim + e, count, xv);
-            for (int q = 0; q < IO::kParts; ++q) sum[r][q] = at::vec::fmadd(xv[q], uv[q], sum[r][q]);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          AccVec total = sum[r][0];
-          for (int q = 1; q < IO::kParts; ++q) total = total + sum[r][q];
-          out[i + r] = at::vec::vec_reduce_all<Acc<T>>([](AccVec a, AccVec b) { return a + b; }, total) +
-                       c[chunk.segment];
-        }
-      }
+      const Acc<T> cs = c[chunk.segment];
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) out[i] = dot_row(x + i * dim, us, dim) + cs;
     }
   });
 }
