@@ -28,6 +28,8 @@ __all__ = [
     "lis_segment_dot",
     "lis_input_grad",
     "lis_score_dense",
+    "varlen_pack",
+    "varlen_unpack",
 ]
 
 # Bisection steps of the oracle: from a bracket of width w the error is w * 2**-64, below
@@ -274,3 +276,24 @@ def lis_score_dense(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens=None) -> t
     bounds = cu_seqlens.tolist()
     parts = [one(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+# --- varlen pack -------------------------------------------------------------------------
+# ``keep`` is a bool mask over the flattened tokens of a batch (``[B, L]``); the tensors to
+# pack are viewed as rows ``[B * L, R]`` of any dtype. Packed order is the flattened order, so
+# each sample's kept tokens are contiguous, in their original order.
+
+
+def varlen_pack(keep: torch.Tensor, total: int, rows: list[torch.Tensor]):
+    """``(indices, packed)``: the int64 flat positions of the ``total`` kept tokens, and each
+    of ``rows`` gathered at them (``[total, R]``). ``total`` must equal ``keep.sum()``."""
+    indices = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    if indices.numel() != total:
+        raise ValueError(f"total = {total} but keep has {indices.numel()} kept tokens")
+    return indices, [r.index_select(0, indices) for r in rows]
+
+
+def varlen_unpack(packed: torch.Tensor, indices: torch.Tensor, rows: int, fill: float):
+    """The inverse: ``[rows, R]`` with packed row j at ``indices[j]`` and ``fill`` elsewhere."""
+    out = torch.full((rows, packed.shape[1]), fill, dtype=packed.dtype, device=packed.device)
+    return out.index_copy_(0, indices, packed)

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -27,6 +28,12 @@ at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::T
 
 at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
                           const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& keep, int64_t total,
+                                                            at::TensorList rows);
+
+at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, int64_t rows,
+                         const at::Scalar& fill);
 
 }  // namespace cpu
 }  // namespace vsops

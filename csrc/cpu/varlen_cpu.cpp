@@ -1,0 +1,116 @@
+// CPU kernels of the varlen pack and unpack ops (vsops/ops/varlen.py): rows of several
+// tensors gathered into FlashAttention's packed layout in one pass, and scattered back.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/kernels.h"
+
+namespace vsops {
+namespace cpu {
+namespace {
+
+// Tokens per task when counting and copying: the per-block counts are scanned serially.
+constexpr int64_t kPackBlock = 2048;
+
+void check_rows(at::TensorList rows, int64_t tokens, const at::Device& device) {
+  for (size_t j = 0; j < rows.size(); ++j) {
+    const at::Tensor& r = rows[j];
+    TORCH_CHECK_VALUE(r.dim() == 2 && r.size(0) == tokens && r.is_contiguous(), "vsops: rows[", j,
+                      "] must be a contiguous [", tokens, ", R] tensor, got shape ", r.sizes());
+    TORCH_CHECK_VALUE(r.device() == device, "vsops: rows[", j, "] must be on the device of keep");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& keep, int64_t total,
+                                                            at::TensorList rows) {
+  TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, "vsops: keep must be bool, got ", keep.scalar_type());
+  TORCH_CHECK_VALUE(keep.is_contiguous(), "vsops: keep must be contiguous");
+  const int64_t tokens = keep.numel();
+  check_rows(rows, tokens, keep.device());
+  const bool* kept = keep.const_data_ptr<bool>();
+
+  const int64_t blocks = (tokens + kPackBlock - 1) / kPackBlock;
+  std::vector<int64_t> offset(blocks + 1, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t end = std::min(tokens, (b + 1) * kPackBlock);
+      offset[b + 1] = std::count(kept + b * kPackBlock, kept + end, true);
+    }
+  });
+  for (int64_t b = 0; b < blocks; ++b) offset[b + 1] += offset[b];
+  TORCH_CHECK_VALUE(offset[blocks] == total, "vsops: total = ", total, " but keep has ", offset[blocks],
+                    " kept tokens");
+
+  at::Tensor indices = at::empty({total}, keep.options().dtype(at::kLong));
+  std::vector<at::Tensor> packed;
+  std::vector<const char*> src;
+  std::vector<char*> dst;
+  std::vector<int64_t> row_bytes;
+  for (const at::Tensor& r : rows) {
+    packed.push_back(at::empty({total, r.size(1)}, r.options()));
+    src.push_back(static_cast<const char*>(r.const_data_ptr()));
+    dst.push_back(static_cast<char*>(packed.back().mutable_data_ptr()));
+    row_bytes.push_back(r.size(1) * r.element_size());
+  }
+  int64_t* idx = indices.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t d = offset[b];
+      const int64_t end = std::min(tokens, (b + 1) * kPackBlock);
+      for (int64_t i = b * kPackBlock; i < end; ++i) {
+        if (!kept[i]) continue;
+        idx[d] = i;
+        for (size_t j = 0; j < src.size(); ++j) {
+          std::memcpy(dst[j] + d * row_bytes[j], src[j] + i * row_bytes[j], row_bytes[j]);
+        }
+        ++d;
+      }
+    }
+  });
+  return {indices, packed};
+}
+
+at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, int64_t rows,
+                         const at::Scalar& fill) {
+  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.is_contiguous(),
+                    "vsops: packed must be a contiguous [total, R] tensor, got shape ", packed.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "vsops: indices must be int64, got ",
+                   indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == packed.size(0) && indices.is_contiguous(),
+                    "vsops: indices must be a contiguous [total] tensor, total = ", packed.size(0));
+  TORCH_CHECK_VALUE(indices.device() == packed.device(), "vsops: indices must be on the device of packed");
+  TORCH_CHECK_VALUE(rows >= packed.size(0), "vsops: rows = ", rows, " is fewer than the ", packed.size(0),
+                    " packed rows");
+  const int64_t total = packed.size(0);
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  // source[i]: the packed row written to output row i, or -1 for a filled row. Every output
+  // row is then written exactly once, with no zero fill before the scatter.
+  std::vector<int64_t> source(rows, -1);
+  for (int64_t j = 0; j < total; ++j) {
+    TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < rows, "vsops: indices[", j, "] = ", idx[j],
+                      " is out of range [0, ", rows, ")");
+    TORCH_CHECK_VALUE(source[idx[j]] < 0, "vsops: indices repeats ", idx[j]);
+    source[idx[j]] = j;
+  }
+  at::Tensor out = at::empty({rows, packed.size(1)}, packed.options());
+  const at::Tensor fill_row = at::full({packed.size(1)}, fill, packed.options());
+  const int64_t row_bytes = packed.size(1) * packed.element_size();
+  const char* src = static_cast<const char*>(packed.const_data_ptr());
+  const char* fill_bytes = static_cast<const char*>(fill_row.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, rows, kPackBlock, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      std::memcpy(dst + i * row_bytes, source[i] >= 0 ? src + source[i] * row_bytes : fill_bytes, row_bytes);
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace vsops
