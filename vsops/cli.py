@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
     )
     bench.add_argument(
-        "--op", default="all", choices=["all", "difftopk", "lis"], help="which operator's table (default: all)"
+        "--op", default="all", choices=["all", "difftopk", "lis", "varlen"], help="which operator's table (default: all)"
     )
     bench.add_argument(
         "--no-dense", action="store_true", help="lis: skip baseline (a), the N x N matrix (slow on CPU)"
@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             from vsops import bench_lis
 
             bench_lis.summary(args.device, dtype, dense=not args.no_dense)
+        if args.op in ("all", "varlen"):
+            from vsops import bench_varlen
+
+            # The pack moves bytes: the model's dtype, bfloat16, unless asked otherwise.
+            bench_varlen.summary(args.device, torch.bfloat16 if args.dtype == "float32" else dtype)
     return 0
 
 

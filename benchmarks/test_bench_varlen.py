@@ -1,0 +1,34 @@
+"""Select + pack microbenchmarks (pytest-benchmark) against the PyTorch routes it replaces.
+
+    python -m pytest benchmarks/test_bench_varlen.py --benchmark-only
+
+``extra_info`` records the speedups over mask + unpad_input and over the padded route, the
+pack's GB/s and its share of the copy bandwidth measured in the same run.
+"""
+import pytest
+import torch
+
+from vsops import bench, bench_varlen
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = {case.name: case for case in bench_varlen.CASES}
+
+
+@pytest.fixture(scope="module")
+def bandwidth():
+    return bench.copy_bandwidth(DEVICE)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_select_and_pack(benchmark, bandwidth, name):
+    inputs = CASES[name].make(DEVICE)
+    benchmark.group = f"select-and-pack-{name}"
+    benchmark(bench_varlen.vsops_fn(*inputs))
+    if benchmark.disabled:
+        return
+    ours = benchmark.stats.stats.median
+    rate = bench_varlen.moved_bytes(*inputs) / ours
+    benchmark.extra_info["gb_per_s"] = round(rate / 1e9, 1)
+    benchmark.extra_info["share_of_copy_bandwidth"] = round(rate / bandwidth, 3)
+    for label, fn in (("unpad_input", bench_varlen.pytorch_pipeline_fn), ("padded_route", bench_varlen.padded_route_fn)):
+        benchmark.extra_info[f"speedup_vs_{label}"] = round(bench.seconds(fn(*inputs)) / ours, 2)
