@@ -152,6 +152,58 @@ at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at:
   return out;
 }
 
+// total is the caller's count of kept tokens; checking it would sync, so the kernels write
+// at most total rows whatever keep holds (see VarlenPackParams).
+std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& keep, int64_t total,
+                                                            at::TensorList rows) {
+  check_varlen_keep(keep);
+  TORCH_CHECK_VALUE(total >= 0, "vsops: total must be >= 0, got ", total);
+  const int64_t tokens = keep.numel();
+  check_varlen_rows(rows, tokens, keep.device());
+  const c10::cuda::CUDAGuard guard(keep.device());
+  at::Tensor indices = at::empty({total}, keep.options().dtype(at::kLong));
+  at::Tensor workspace =
+      at::empty({cuda::varlen_pack_workspace_bytes(tokens)}, keep.options().dtype(at::kByte));
+  std::vector<at::Tensor> packed;
+  std::vector<cuda::VarlenRows> copies;
+  packed.reserve(rows.size());
+  copies.reserve(rows.size());
+  for (const at::Tensor& r : rows) {
+    packed.push_back(at::empty({total, r.size(1)}, r.options()));
+    copies.push_back(cuda::VarlenRows{r.const_data_ptr(), packed.back().mutable_data_ptr(),
+                                      r.size(1) * static_cast<int64_t>(r.element_size())});
+  }
+  const cuda::VarlenPackParams params{keep.const_data_ptr<bool>(),
+                                      tokens,
+                                      total,
+                                      indices.mutable_data_ptr<int64_t>(),
+                                      workspace.mutable_data_ptr(),
+                                      copies.data(),
+                                      static_cast<int64_t>(copies.size())};
+  check_launch(cuda::launch_varlen_pack(params, c10::cuda::getCurrentCUDAStream()));
+  return {indices, packed};
+}
+
+// fill is converted to the output dtype here, once, so that the kernels copy bytes only.
+at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, int64_t rows,
+                         const at::Scalar& fill) {
+  check_varlen_unpack(packed, indices, rows);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor out = at::empty({rows, packed.size(1)}, packed.options());
+  const at::Tensor fill_row = at::full({packed.size(1)}, fill, packed.options());
+  at::Tensor source = at::empty({rows}, indices.options());
+  const cuda::VarlenUnpackParams params{packed.const_data_ptr(),
+                                        indices.const_data_ptr<int64_t>(),
+                                        fill_row.const_data_ptr(),
+                                        source.mutable_data_ptr<int64_t>(),
+                                        out.mutable_data_ptr(),
+                                        packed.size(0),
+                                        rows,
+                                        packed.size(1) * static_cast<int64_t>(packed.element_size())};
+  check_launch(cuda::launch_varlen_unpack(params, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 }  // namespace vsops
 
@@ -162,4 +214,6 @@ TORCH_LIBRARY_IMPL(vsops, CUDA, m) {
   m.impl("lis_segment_sum", &vsops::lis_segment_sum);
   m.impl("lis_segment_dot", &vsops::lis_segment_dot);
   m.impl("lis_input_grad", &vsops::lis_input_grad);
+  m.impl("varlen_pack", &vsops::varlen_pack);
+  m.impl("varlen_unpack", &vsops::varlen_unpack);
 }

@@ -165,4 +165,35 @@ inline LisShape check_lis_input_grad(const at::Tensor& grad, const at::Tensor& u
   return shape;
 }
 
+// --- varlen pack / unpack (see vsops/ops/varlen.py) ----------------------------------------
+
+inline void check_varlen_keep(const at::Tensor& keep) {
+  TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, "vsops: keep must be bool, got ", keep.scalar_type());
+  TORCH_CHECK_VALUE(keep.is_contiguous(), "vsops: keep must be contiguous");
+}
+
+// The tensors to pack: contiguous rows [tokens, R] of any dtype, on the device of keep.
+inline void check_varlen_rows(at::TensorList rows, int64_t tokens, const at::Device& device) {
+  for (size_t j = 0; j < rows.size(); ++j) {
+    const at::Tensor& r = rows[j];
+    TORCH_CHECK_VALUE(r.dim() == 2 && r.size(0) == tokens && r.is_contiguous(), "vsops: rows[", j,
+                      "] must be a contiguous [", tokens, ", R] tensor, got shape ", r.sizes());
+    TORCH_CHECK_VALUE(r.device() == device, "vsops: rows[", j, "] must be on the device of keep");
+  }
+}
+
+// The shapes of an unpack; the values of indices are the kernels' to check (the CUDA one
+// cannot without a host sync).
+inline void check_varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, int64_t rows) {
+  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.is_contiguous(),
+                    "vsops: packed must be a contiguous [total, R] tensor, got shape ", packed.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "vsops: indices must be int64, got ",
+                   indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == packed.size(0) && indices.is_contiguous(),
+                    "vsops: indices must be a contiguous [total] tensor, total = ", packed.size(0));
+  TORCH_CHECK_VALUE(indices.device() == packed.device(), "vsops: indices must be on the device of packed");
+  TORCH_CHECK_VALUE(rows >= packed.size(0), "vsops: rows = ", rows, " is fewer than the ", packed.size(0),
+                    " packed rows");
+}
+
 }  // namespace vsops

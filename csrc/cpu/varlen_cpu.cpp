@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/kernels.h"
+#include "op_common.h"
 
 namespace vsops {
 namespace cpu {
@@ -16,15 +17,6 @@ namespace {
 // Tokens per task when counting and copying: the per-block counts are scanned serially.
 constexpr int64_t kPackBlock = 2048;
 
-void check_rows(at::TensorList rows, int64_t tokens, const at::Device& device) {
-  for (size_t j = 0; j < rows.size(); ++j) {
-    const at::Tensor& r = rows[j];
-    TORCH_CHECK_VALUE(r.dim() == 2 && r.size(0) == tokens && r.is_contiguous(), "vsops: rows[", j,
-                      "] must be a contiguous [", tokens, ", R] tensor, got shape ", r.sizes());
-    TORCH_CHECK_VALUE(r.device() == device, "vsops: rows[", j, "] must be on the device of keep");
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& keep, int64_t total,
@@ -32,7 +24,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& ke
   TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, "vsops: keep must be bool, got ", keep.scalar_type());
   TORCH_CHECK_VALUE(keep.is_contiguous(), "vsops: keep must be contiguous");
   const int64_t tokens = keep.numel();
-  check_rows(rows, tokens, keep.device());
+  check_varlen_rows(rows, tokens, keep.device());
   const bool* kept = keep.const_data_ptr<bool>();
 
   const int64_t blocks = (tokens + kPackBlock - 1) / kPackBlock;

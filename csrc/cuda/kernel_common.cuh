@@ -91,6 +91,23 @@ __device__ __forceinline__ Segment segment_of(const SegmentLayout& layout, int64
   return segment;
 }
 
+// The last s in [0, count) with key(s) <= target, for key non-decreasing in s and
+// key(0) <= target. Every lane of a warp searches the same target, so the loads broadcast.
+template <typename Key>
+__device__ __forceinline__ int64_t last_at_or_below(int64_t count, int64_t target, Key key) {
+  int64_t lo = 0;
+  int64_t hi = count - 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (key(mid) <= target) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
 // Kernels of different element types share the one dynamic shared memory buffer.
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {

@@ -88,6 +88,42 @@ struct LisInputGradParams {
   ScalarKind dtype;
 };
 
+// Varlen pack (vsops/ops/varlen.py): rows of one tensor, treated as bytes; its packed copy
+// has the same row size.
+struct VarlenRows {
+  const void* src;  // [num_tokens, row_bytes]
+  void* dst;        // [total, row_bytes]
+  int64_t row_bytes;
+};
+
+// indices[d] = the flat position of the d-th kept token and rows[j].dst row d = rows[j].src row
+// indices[d], for d < total. total is the caller's count, never read back from the device:
+// kept tokens past it are dropped, and rows past the kept tokens get indices -1 (their
+// packed rows are left unwritten).
+struct VarlenPackParams {
+  const bool* keep;  // [num_tokens]
+  int64_t num_tokens;
+  int64_t total;
+  int64_t* indices;        // [total]
+  void* workspace;         // varlen_pack_workspace_bytes(num_tokens) bytes
+  const VarlenRows* rows;  // host array of num_tensors entries, read during the call only
+  int64_t num_tensors;
+};
+
+// out row i = packed row j where indices[j] == i, else the fill row; indices outside
+// [0, rows) are ignored (they cannot be checked without a host sync), and of repeated ones an
+// arbitrary j wins.
+struct VarlenUnpackParams {
+  const void* packed;      // [total, row_bytes]
+  const int64_t* indices;  // [total]
+  const void* fill;        // one row of row_bytes bytes
+  int64_t* source;         // workspace [rows]: the inverse map of indices
+  void* out;               // [rows, row_bytes]
+  int64_t total;
+  int64_t rows;
+  int64_t row_bytes;
+};
+
 cudaError_t launch_difftopk_forward(const DiffTopKForwardParams& params, cudaStream_t stream);
 cudaError_t launch_difftopk_backward(const DiffTopKBackwardParams& params, cudaStream_t stream);
 cudaError_t launch_topk_mask(const TopKMaskParams& params, cudaStream_t stream);
@@ -98,6 +134,10 @@ int64_t lis_segment_sum_workspace_rows(const LisLayout& layout);
 cudaError_t launch_lis_segment_sum(const LisSegmentSumParams& params, cudaStream_t stream);
 cudaError_t launch_lis_segment_dot(const LisSegmentDotParams& params, cudaStream_t stream);
 cudaError_t launch_lis_input_grad(const LisInputGradParams& params, cudaStream_t stream);
+
+int64_t varlen_pack_workspace_bytes(int64_t num_tokens);
+cudaError_t launch_varlen_pack(const VarlenPackParams& params, cudaStream_t stream);
+cudaError_t launch_varlen_unpack(const VarlenUnpackParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vsops
