@@ -21,8 +21,7 @@ constexpr int64_t kPackBlock = 2048;
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& keep, int64_t total,
                                                             at::TensorList rows) {
-  TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, "vsops: keep must be bool, got ", keep.scalar_type());
-  TORCH_CHECK_VALUE(keep.is_contiguous(), "vsops: keep must be contiguous");
+  check_varlen_keep(keep);
   const int64_t tokens = keep.numel();
   check_varlen_rows(rows, tokens, keep.device());
   const bool* kept = keep.const_data_ptr<bool>();
@@ -70,15 +69,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& ke
 
 at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, int64_t rows,
                          const at::Scalar& fill) {
-  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.is_contiguous(),
-                    "vsops: packed must be a contiguous [total, R] tensor, got shape ", packed.sizes());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "vsops: indices must be int64, got ",
-                   indices.scalar_type());
-  TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == packed.size(0) && indices.is_contiguous(),
-                    "vsops: indices must be a contiguous [total] tensor, total = ", packed.size(0));
-  TORCH_CHECK_VALUE(indices.device() == packed.device(), "vsops: indices must be on the device of packed");
-  TORCH_CHECK_VALUE(rows >= packed.size(0), "vsops: rows = ", rows, " is fewer than the ", packed.size(0),
-                    " packed rows");
+  check_varlen_unpack(packed, indices, rows);
   const int64_t total = packed.size(0);
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   // source[i]: the packed row written to output row i, or -1 for a filled row. Every output

@@ -67,23 +67,6 @@ __device__ __forceinline__ void store_pack(T* p, const T (&in)[N]) {
   }
 }
 
-// The last s in [0, count) with key(s) <= target, for key non-decreasing in s and
-// key(0) <= target. Every lane of a warp searches the same target, so the loads broadcast.
-template <typename Key>
-__device__ __forceinline__ int64_t last_at_or_below(int64_t count, int64_t target, Key key) {
-  int64_t lo = 0;
-  int64_t hi = count - 1;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo + 1) / 2;
-    if (key(mid) <= target) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
 // segment_sum's slot plan: segment s (tokens [b_s, b_s + n_s)) owns the workspace rows
 // [first_slot(s, b_s), first_slot(s, b_s) + ceil(n_s / C)), one per chunk of C tokens, with
 // first_slot = s + floor(b_s / C). Since ceil(n/C) <= floor(n/C) + 1
