@@ -124,13 +124,10 @@ at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>&
 
 at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c,
                            const std::optional<at::Tensor>& cu_seqlens) {
-  const LisShape shape = check_lis_input(x, cu_seqlens);
-  const at::ScalarType acc = state_dtype_for(x.scalar_type());
-  check_lis_operand(u, "u", {shape.num_segments, shape.dim}, acc, x.device());
-  check_lis_operand(c, "c", {shape.num_segments}, acc, x.device());
+  const LisShape shape = check_lis_segment_dot(x, u, c, cu_seqlens);
   const cuda::ScalarKind dtype = scalar_kind(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(acc));
+  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(u.scalar_type()));
   const cuda::LisSegmentDotParams params{x.const_data_ptr(), u.const_data_ptr(), c.const_data_ptr(),
                                          out.mutable_data_ptr(), lis_layout(shape, cu_seqlens),
                                          dtype};

@@ -143,6 +143,16 @@ inline void check_lis_operand(const at::Tensor& t, const char* name, at::IntArra
   TORCH_CHECK_VALUE(t.device() == device, "vsops: ", name, " must be on the device of the input");
 }
 
+// lis_segment_dot's operands: x, and u [S, D] and c [S] in the accumulation dtype.
+inline LisShape check_lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c,
+                                      const std::optional<at::Tensor>& cu_seqlens) {
+  const LisShape shape = check_lis_input(x, cu_seqlens);
+  const at::ScalarType acc = state_dtype_for(x.scalar_type());
+  check_lis_operand(u, "u", {shape.num_segments, shape.dim}, acc, x.device());
+  check_lis_operand(c, "c", {shape.num_segments}, acc, x.device());
+  return shape;
+}
+
 // lis_input_grad's operands: grad per token, u and w per segment, output dtype.
 inline LisShape check_lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
                                      const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype) {

@@ -207,12 +207,9 @@ at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>&
 
 at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c,
                            const std::optional<at::Tensor>& cu_seqlens) {
-  const LisShape shape = check_lis_input(x, cu_seqlens);
-  const at::ScalarType acc = state_dtype_for(x.scalar_type());
-  check_lis_operand(u, "u", {shape.num_segments, shape.dim}, acc, x.device());
-  check_lis_operand(c, "c", {shape.num_segments}, acc, x.device());
+  const LisShape shape = check_lis_segment_dot(x, u, c, cu_seqlens);
   const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
-  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(acc));
+  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(u.scalar_type()));
   VSOPS_DISPATCH_LIS(x.scalar_type(), [&] {
     using A = Acc<scalar_t>;
     dot_tokens(x.const_data_ptr<scalar_t>(), u.const_data_ptr<A>(), c.const_data_ptr<A>(), plan, shape.dim,
