@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from vsops import backends
 from vsops.ops import lis as _ops
+from vsops.ops import validation
 from vsops.reference import segment_ids
 
 __all__ = ["lis_score"]
@@ -89,17 +90,9 @@ def _check_cu_seqlens_data(x: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     """cu_seqlens bounds and no empty segment: free on CPU, one host sync on GPU."""
     if torch.compiler.is_compiling():
         return
-    c = cu_seqlens
-    checks = [
-        (c[0] != 0, "cu_seqlens must start at 0"),
-        ((c[1:] < c[:-1]).any(), "cu_seqlens must be non-decreasing"),
-        (c[-1] != x.shape[0], f"cu_seqlens must end at the number of tokens, x.shape[0] = {x.shape[0]}"),
-        ((c[1:] == c[:-1]).any(), "cu_seqlens has an empty segment: the segment mean is undefined"),
-    ]
-    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).cpu().tolist()
-    for bad, (_, message) in zip(flags, checks):
-        if bad:
-            raise ValueError(message)
+    checks = validation.cu_seqlens_checks(cu_seqlens, x.shape[0], "the number of tokens, x.shape[0]")
+    checks.append(((cu_seqlens[1:] == cu_seqlens[:-1]).any(), "cu_seqlens has an empty segment: the segment mean is undefined"))
+    validation.raise_failed(checks)
 
 
 def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool, backend: str) -> torch.Tensor:

@@ -87,15 +87,27 @@ def check_data(scores, k: torch.Tensor, cu_seqlens, nan_policy: str, *, bounds_c
             raise ValueError("scores contain NaN (nan_policy='raise')")
         return
     if cu_seqlens is not None:
-        c = cu_seqlens
-        checks.append((c[0] != 0, "cu_seqlens must start at 0"))
-        checks.append(((c[1:] < c[:-1]).any(), "cu_seqlens must be non-decreasing"))
-        checks.append((c[-1] != scores.numel(), f"cu_seqlens must end at scores.numel() = {scores.numel()}"))
+        checks += cu_seqlens_checks(cu_seqlens, scores.numel(), "scores.numel()")
     lengths = segment_lengths(scores, cu_seqlens)
     checks.append(((k < 0).any(), "k must be >= 0 in every segment"))
     checks.append(((k > lengths).any(), "k must not exceed the segment's length"))
     if nan_policy == "raise":
         checks.append((torch.isnan(scores).any(), "scores contain NaN (nan_policy='raise')"))
+    raise_failed(checks)
+
+
+def cu_seqlens_checks(cu_seqlens: torch.Tensor, total: int, total_name: str) -> list[tuple[torch.Tensor, str]]:
+    """The (flag, message) checks of cu_seqlens' bounds against ``total`` tokens, unread."""
+    c = cu_seqlens
+    return [
+        (c[0] != 0, "cu_seqlens must start at 0"),
+        ((c[1:] < c[:-1]).any(), "cu_seqlens must be non-decreasing"),
+        (c[-1] != total, f"cu_seqlens must end at {total_name} = {total}"),
+    ]
+
+
+def raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """Reads every flag with one host sync; raises ValueError with the first failed message."""
     flags = torch.stack([flag.reshape(()) for flag, _ in checks]).cpu()
     for bad, (_, message) in zip(flags.tolist(), checks):
         if bad:
