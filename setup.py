@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -97,6 +97,9 @@ def _extension():
 
 
 setup(
+    # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
+    packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations"],
+    package_dir={"vsops.integrations": "integrations"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,0 +1,313 @@
+"""Model-agnostic VisionSelector runtime: score the visual tokens a language model is about to
+see, then either prune them (inference) or scale them by the soft mask (training), and keep the
+pruned KV cache and the attention mask of later decode steps in agreement.
+
+A model integration (e.g. :mod:`vsops.integrations.qwen2_5_vl`) tells the selector, per forward
+call, which tokens are visual (:meth:`VisionSelector.begin_call`), and routes the language
+model's keyword arguments through :meth:`VisionSelector.language_model_inputs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+from vsops.budget import budget_to_k, check_budget
+from vsops.difftopk import constraint_loss, difftopk, topk_mask
+from vsops.varlen import SCOPES, select_and_pack, select_and_pad, unpack
+
+__all__ = ["VisionSelector", "Selection", "VARLEN_ATTENTION", "register_varlen_attention"]
+
+# Attention implementations that take packed sequences with cu_seq_lens_q/k (FlashAttention's
+# varlen convention). Extended by register_varlen_attention.
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3", "flash_attention_4"}
+
+
+def register_varlen_attention(name: str) -> None:
+    """Declares that the attention implementation ``name`` (registered with transformers'
+    ``AttentionInterface``) reads ``cu_seq_lens_q/k`` and ``max_length_q/k``, so that a pruned
+    prefill without a cache is handed to it packed instead of padded."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    VARLEN_ATTENTION.add(name)
+
+
+@dataclasses.dataclass
+class Selection:
+    """What the selector did in one forward call; attached to the model output as
+    ``output.visionselector``.
+
+    Attributes:
+        keep: bool ``[B, L]``: the tokens the language model saw (inference); None in training.
+        soft_mask: float32 ``[B, L]``: the factor each token was scaled by (training; 1 at
+            text tokens); None in inference.
+        constraint_loss: ``BCE(M_soft, M_hard)`` over the visual tokens (training), a scalar.
+        cu_seqlens, max_seqlen: the packed layout (int32 ``[B + 1]``) when the kept tokens went
+            to the language model packed; None when padded.
+        lengths: the kept token count of each sample (padding included).
+    """
+
+    keep: torch.Tensor | None = None
+    soft_mask: torch.Tensor | None = None
+    constraint_loss: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    lengths: list[int] | None = None
+
+
+@dataclasses.dataclass
+class _Call:
+    visual_mask: torch.Tensor  # bool [B, L]
+    image_ids: torch.Tensor | None  # int64 [B, L], a distinct id per image/video, -1 elsewhere
+    attention_mask: torch.Tensor | None
+    budget: float
+    training: bool
+
+
+@dataclasses.dataclass
+class _PrunedCache:
+    cache: weakref.ref
+    full_length: int  # L of the prefill the caller keeps counting in
+    pruned_mask: torch.Tensor  # int64 [B, L']: the attention mask of what the cache holds
+
+
+class VisionSelector:
+    """The selector's settings and per-call state, reachable as ``model.visionselector``.
+
+    Attributes:
+        scorer: the :class:`vsops.LearnableImportanceScorer` (an attribute of the vision tower).
+        budget: fraction of visual tokens kept, in (0, 1]; may be changed at any time.
+        scope: ``"sample"`` (one budget over all visual tokens of a sample, as published) or
+            ``"image"`` (one budget per image or video).
+        packed: None (pack when the attention implementation takes varlen input and no cache
+            is used), True (same, but raise when that is impossible) or False (always pad).
+    """
+
+    def __init__(self, scorer, *, budget: float = 0.2, scope: str = "sample", packed: bool | None = None):
+        self.scorer = scorer
+        self.budget = budget
+        self.scope = scope
+        self.packed = packed
+        self.last: Selection | None = None
+        self.hooks: list = []  # the integration's hook handles, for reverting
+        self._call: _Call | None = None
+        self._pruned: _PrunedCache | None = None
+
+    @property
+    def budget(self) -> float:
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: float) -> None:
+        self._budget = check_budget(value)
+
+    @property
+    def scope(self) -> str:
+        return self._scope
+
+    @scope.setter
+    def scope(self, value: str) -> None:
+        if value not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {value!r}")
+        self._scope = value
+
+    @property
+    def packed(self) -> bool | None:
+        return self._packed
+
+    @packed.setter
+    def packed(self, value: bool | None) -> None:
+        if value not in (None, True, False):
+            raise TypeError(f"packed must be None, True or False, got {value!r}")
+        self._packed = value
+
+    def __repr__(self) -> str:
+        return f"VisionSelector(budget={self.budget}, scope={self.scope!r}, packed={self.packed})"
+
+    # -- per-call protocol -------------------------------------------------------------------
+
+    def begin_call(self, visual_mask, image_ids, attention_mask, *, budget=None, training=False) -> None:
+        """Called by the integration before the multimodal forward: which tokens are visual.
+
+        Args:
+            visual_mask: bool ``[B, L]``, True at the visual placeholder tokens (not padding);
+                None for a call without visual input (the selector then only follows the cache).
+            image_ids: int64 ``[B, L]``: a distinct id per image or video at its tokens, -1
+                elsewhere (needed for ``scope="image"``; may be None with ``scope="sample"``).
+            attention_mask: the caller's ``[B, L]`` padding mask, or None.
+            budget: this call's budget, overriding :attr:`budget`.
+            training: soft-mask training (all tokens stay) instead of pruning.
+        """
+        self.last = None
+        if visual_mask is None:
+            self._call = None
+            return
+        budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
+        if self.scope == "image" and image_ids is None:
+            raise ValueError('scope="image" needs the image of each visual token (image_ids)')
+        self._call = _Call(visual_mask, image_ids, attention_mask, budget, training)
+
+    def end_call(self) -> Selection | None:
+        """Ends the call; returns what was selected (also kept as :attr:`last`)."""
+        self._call = None
+        return self.last
+
+    def language_model_inputs(self, kwargs: dict, config) -> dict:
+        """The language model's keyword arguments with the selection applied.
+
+        At prefill (empty cache) with visual tokens: pruned (inference) or scaled by the soft
+        mask (training). At later steps on the cache this selector pruned: the attention mask
+        (and ``cache_position``) rewritten to the pruned cache; positions are left as computed
+        on the full sequence.
+        """
+        call = self._call
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past > 0:
+            if call is not None and call.visual_mask.shape[1] > 0 and bool(call.visual_mask.any()):
+                raise ValueError(
+                    "VisionSelector cannot add visual tokens to a non-empty cache; start a new cache "
+                    "for a prompt with images or videos"
+                )
+            return self._decode_inputs(kwargs, cache)
+        self._pruned = None
+        if call is None:
+            return kwargs
+        counts = call.visual_mask.sum(1).tolist()
+        if sum(counts) == 0:
+            return kwargs
+        embeds = kwargs["inputs_embeds"]
+        if call.visual_mask.shape != embeds.shape[:2]:
+            raise ValueError(
+                f"the visual mask is {tuple(call.visual_mask.shape)} but inputs_embeds is {tuple(embeds.shape)}"
+            )
+        scores, segment_lengths, visual = self._score(embeds, call, counts)
+        cu = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(segment_lengths).cumsum(0)
+        cu = cu.to(embeds.device)
+        k = budget_to_k(torch.tensor(segment_lengths), call.budget).to(embeds.device)
+        if call.training:
+            return self._soft_inputs(kwargs, scores, k, cu, visual)
+        hard = topk_mask(scores.detach(), k, cu_seqlens=cu)
+        keep = ~call.visual_mask | unpack(hard, visual.indices, visual.batch, visual.length).bool()
+        kept_visual = _per_sample(budget_to_k(torch.tensor(segment_lengths), call.budget), segment_lengths, counts)
+        lengths = [call.visual_mask.shape[1] - n + kv for n, kv in zip(counts, kept_visual)]
+        return self._pruned_inputs(kwargs, config, keep, lengths)
+
+    # -- the pieces ----------------------------------------------------------------------------
+
+    def _score(self, embeds, call: _Call, counts):
+        """LIS scores of the visual tokens, packed in row-major order, with their segments."""
+        visual = select_and_pack(call.visual_mask, embeds, counts=counts)
+        x = visual.tensors[0]
+        if self.scope == "sample":
+            lengths = [n for n in counts if n > 0]
+        else:
+            ids = select_and_pack(call.visual_mask, call.image_ids, counts=counts).tensors[0]
+            lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        scorer_dtype = self.scorer.q_proj.weight.dtype
+        return self.scorer(x.to(scorer_dtype), cu.to(x.device)), lengths, visual
+
+    def _soft_inputs(self, kwargs, scores, k, cu, visual) -> dict:
+        soft = difftopk(scores, k, cu_seqlens=cu)
+        hard = topk_mask(scores.detach(), k, cu_seqlens=cu)
+        factor = unpack(soft, visual.indices, visual.batch, visual.length, fill=1.0)
+        embeds = kwargs["inputs_embeds"]
+        self.last = Selection(soft_mask=factor, constraint_loss=constraint_loss(soft, hard))
+        return {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype)}
+
+    def _use_packed(self, kwargs, config) -> bool:
+        use_cache = kwargs.get("use_cache")
+        use_cache = config.use_cache if use_cache is None else use_cache
+        varlen = getattr(config, "_attn_implementation", None) in VARLEN_ATTENTION
+        if self.packed is False:
+            return False
+        possible = varlen and not use_cache and kwargs.get("past_key_values") is None
+        if self.packed and not possible:
+            raise ValueError(
+                "packed=True needs a varlen attention implementation (flash_attention_2 or one declared "
+                f"with register_varlen_attention; this model uses {config._attn_implementation!r}) and "
+                "use_cache=False"
+            )
+        return possible
+
+    def _pruned_inputs(self, kwargs, config, keep, lengths) -> dict:
+        embeds = kwargs["inputs_embeds"]
+        b, length = keep.shape
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            # What the language model would have used for the full sequence.
+            positions = torch.arange(length, device=embeds.device).view(1, 1, -1).expand(3, b, -1)
+        elif positions.dim() == 2:
+            positions = positions.unsqueeze(0).expand(3, -1, -1)
+        # Row 0 of a 4-row tensor holds text positions for packed-sequence detection; after
+        # pruning they have gaps, which the detection would read as sequence starts.
+        positions = positions[-3:]
+        padding = self._call.attention_mask
+        out = dict(kwargs)
+        if self._use_packed(kwargs, config):
+            if padding is not None:
+                keep = keep & padding.bool()
+                lengths = keep.sum(1).tolist()
+            packed = select_and_pack(keep, embeds, positions, counts=lengths)
+            out["inputs_embeds"] = packed.tensors[0].unsqueeze(0)
+            out["position_ids"] = packed.tensors[1].unsqueeze(1)
+            out["attention_mask"] = None
+            out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = packed.cu_seqlens
+            out["max_length_q"] = out["max_length_k"] = packed.max_seqlen
+            self.last = Selection(keep=keep, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen, lengths=lengths)
+        else:
+            if padding is None:
+                padding = torch.ones_like(keep, dtype=torch.long)
+            padded = select_and_pad(
+                keep, embeds, positions, padding.long(), padding_side="left", pad_values=(0, 1, 0), counts=lengths
+            )
+            out["inputs_embeds"], out["position_ids"], mask = padded.tensors
+            out["attention_mask"] = mask
+            self.last = Selection(keep=keep, lengths=lengths)
+            cache = kwargs.get("past_key_values")
+            if cache is not None:
+                self._pruned = _PrunedCache(weakref.ref(cache), length, mask)
+        if kwargs.get("cache_position") is not None:
+            start = kwargs["cache_position"][:1]
+            out["cache_position"] = start + torch.arange(out["inputs_embeds"].shape[1], device=start.device)
+        return out
+
+    def _decode_inputs(self, kwargs, cache) -> dict:
+        pruned = self._pruned
+        if pruned is None or pruned.cache() is not cache:
+            return kwargs
+        out = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        shift = pruned.full_length - pruned.pruned_mask.shape[1]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                raise ValueError(
+                    "after a pruned prefill, decode steps need the 2-D attention mask (a DynamicCache, "
+                    "not a static cache with a prepared 4-D mask)"
+                )
+            if mask.shape[1] < pruned.full_length:
+                raise ValueError(
+                    f"attention_mask has {mask.shape[1]} columns, fewer than the {pruned.full_length} "
+                    "tokens of the pruned prefill"
+                )
+            tail = mask[:, pruned.full_length:].to(pruned.pruned_mask.dtype)
+            out["attention_mask"] = torch.cat([pruned.pruned_mask, tail], dim=1)
+        if kwargs.get("cache_position") is not None:
+            out["cache_position"] = kwargs["cache_position"] - shift
+        return out
+
+
+def _per_sample(k_per_segment: torch.Tensor, segment_lengths: list[int], counts: list[int]) -> list[int]:
+    """Kept visual tokens per sample from the per-segment k (segments in sample order)."""
+    kept, segments = [], iter(zip(k_per_segment.tolist(), segment_lengths))
+    for n in counts:
+        total, seen = 0, 0
+        while seen < n:
+            k, size = next(segments)
+            total, seen = total + k, seen + size
+        kept.append(total)
+    return kept
