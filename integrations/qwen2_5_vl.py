@@ -111,7 +111,7 @@ def revert_visionselector(model: nn.Module | None = None) -> None:
     selector.hooks.clear()
     inner = model.model if hasattr(model, "lm_head") else model
     del inner.visual.importance_scorer
-    for module in (model, inner):
+    for module in (model, inner, inner.language_model):
         module.__dict__.pop("visionselector", None)
 
 
@@ -151,9 +151,12 @@ def _attach_inner(inner: nn.Module, settings) -> VisionSelector:
     selector.hooks = [
         inner.register_forward_pre_hook(_inner_pre_hook, with_kwargs=True),
         inner.register_forward_hook(_inner_post_hook),
-        inner.language_model.register_forward_pre_hook(_language_model_pre_hook(selector), with_kwargs=True),
+        inner.language_model.register_forward_pre_hook(_language_model_pre_hook, with_kwargs=True),
     ]
-    inner.__dict__["visionselector"] = selector  # a plain attribute: not a submodule
+    # Plain attributes, not submodules; the hooks find the selector through their module, so
+    # that a deep copy of the model gets hooks bound to its own copy of the selector.
+    inner.__dict__["visionselector"] = selector
+    inner.language_model.__dict__["visionselector"] = selector
     return selector
 
 
@@ -223,13 +226,10 @@ def _inner_post_hook(inner, args, output):
     return output
 
 
-def _language_model_pre_hook(selector: VisionSelector):
-    def hook(language_model, args, kwargs):
-        if args:
-            raise TypeError("the VisionSelector patch expects the language model to be called with keywords")
-        return args, selector.language_model_inputs(kwargs, language_model.config)
-
-    return hook
+def _language_model_pre_hook(language_model, args, kwargs):
+    if args:
+        raise TypeError("the VisionSelector patch expects the language model to be called with keywords")
+    return args, language_model.visionselector.language_model_inputs(kwargs, language_model.config)
 
 
 def _top_pre_hook(model, args, kwargs):
@@ -268,11 +268,15 @@ def _causal_lm_loss(model, logits, labels, selection: Selection | None) -> torch
     vocab = model.config.text_config.vocab_size
     if selection is None or selection.keep is None:
         return model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
+    # Each kept token predicts the next kept token of its own sample: never across a sample
+    # boundary (packed) nor from a padding slot (padded).
     if selection.cu_seqlens is None:
-        kept = select_and_pad(selection.keep, labels, pad_values=-100, counts=selection.lengths).tensors[0]
-        return model.loss_function(logits=logits, labels=kept, vocab_size=vocab)
-    # Packed: each sequence's last token has no next token in its own sequence.
-    packed = labels[selection.keep]
-    shift = torch.cat([packed[1:], packed.new_full((1,), -100)])
-    shift[selection.cu_seqlens[1:].long() - 1] = -100
-    return model.loss_function(logits=logits, labels=None, shift_labels=shift.unsqueeze(0), vocab_size=vocab)
+        padded = select_and_pad(selection.keep, labels, pad_values=-100, counts=selection.lengths)
+        kept, real = padded.tensors[0], padded.attention_mask.bool()
+        shift = torch.cat([kept[:, 1:], kept.new_full((kept.shape[0], 1), -100)], dim=1).masked_fill(~real, -100)
+    else:
+        kept = labels[selection.keep]
+        shift = torch.cat([kept[1:], kept.new_full((1,), -100)])
+        shift[selection.cu_seqlens[1:].long() - 1] = -100
+        shift = shift.unsqueeze(0)
+    return model.loss_function(logits=logits, labels=None, shift_labels=shift, vocab_size=vocab)

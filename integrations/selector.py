@@ -45,7 +45,8 @@ class Selection:
         constraint_loss: ``BCE(M_soft, M_hard)`` over the visual tokens (training), a scalar.
         cu_seqlens, max_seqlen: the packed layout (int32 ``[B + 1]``) when the kept tokens went
             to the language model packed; None when padded.
-        lengths: the kept token count of each sample (padding included).
+        lengths: the kept token count of each sample (the caller's padding is dropped; the
+            kept tokens are re-padded on the left, or packed).
     """
 
     keep: torch.Tensor | None = None
@@ -191,8 +192,9 @@ class VisionSelector:
             return self._soft_inputs(kwargs, scores, k, cu, visual)
         hard = topk_mask(scores.detach(), k, cu_seqlens=cu)
         keep = ~call.visual_mask | unpack(hard, visual.indices, visual.batch, visual.length).bool()
-        kept_visual = _per_sample(budget_to_k(torch.tensor(segment_lengths), call.budget), segment_lengths, counts)
-        lengths = [call.visual_mask.shape[1] - n + kv for n, kv in zip(counts, kept_visual)]
+        if call.attention_mask is not None:
+            keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
+        lengths = keep.sum(1).tolist()
         return self._pruned_inputs(kwargs, config, keep, lengths)
 
     # -- the pieces ----------------------------------------------------------------------------
@@ -246,12 +248,8 @@ class VisionSelector:
         # Row 0 of a 4-row tensor holds text positions for packed-sequence detection; after
         # pruning they have gaps, which the detection would read as sequence starts.
         positions = positions[-3:]
-        padding = self._call.attention_mask
         out = dict(kwargs)
         if self._use_packed(kwargs, config):
-            if padding is not None:
-                keep = keep & padding.bool()
-                lengths = keep.sum(1).tolist()
             packed = select_and_pack(keep, embeds, positions, counts=lengths)
             out["inputs_embeds"] = packed.tensors[0].unsqueeze(0)
             out["position_ids"] = packed.tensors[1].unsqueeze(1)
@@ -260,13 +258,9 @@ class VisionSelector:
             out["max_length_q"] = out["max_length_k"] = packed.max_seqlen
             self.last = Selection(keep=keep, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen, lengths=lengths)
         else:
-            if padding is None:
-                padding = torch.ones_like(keep, dtype=torch.long)
-            padded = select_and_pad(
-                keep, embeds, positions, padding.long(), padding_side="left", pad_values=(0, 1, 0), counts=lengths
-            )
-            out["inputs_embeds"], out["position_ids"], mask = padded.tensors
-            out["attention_mask"] = mask
+            padded = select_and_pad(keep, embeds, positions, padding_side="left", pad_values=(0, 1), counts=lengths)
+            out["inputs_embeds"], out["position_ids"] = padded.tensors
+            out["attention_mask"] = mask = padded.attention_mask
             self.last = Selection(keep=keep, lengths=lengths)
             cache = kwargs.get("past_key_values")
             if cache is not None:
@@ -300,14 +294,3 @@ class VisionSelector:
             out["cache_position"] = kwargs["cache_position"] - shift
         return out
 
-
-def _per_sample(k_per_segment: torch.Tensor, segment_lengths: list[int], counts: list[int]) -> list[int]:
-    """Kept visual tokens per sample from the per-segment k (segments in sample order)."""
-    kept, segments = [], iter(zip(k_per_segment.tolist(), segment_lengths))
-    for n in counts:
-        total, seen = 0, 0
-        while seen < n:
-            k, size = next(segments)
-            total, seen = total + k, seen + size
-        kept.append(total)
-    return kept

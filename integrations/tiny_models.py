@@ -89,8 +89,11 @@ def _placeholders(grid, token):
     return [TOKENS["vision_start"]] + [token] * (t * h * w // 4) + [TOKENS["vision_end"]]
 
 
-def qwen2_5_vl_batch(prompts, *, generator: torch.Generator | None = None, padding_side: str = "left") -> dict:
+def qwen2_5_vl_batch(prompts, *, seed: int = 0, padding_side: str = "left") -> dict:
     """Model inputs for ``prompts`` (see the module docstring), padded to the longest.
+
+    Prompt i draws its random tokens and pixels from seed ``seed + i``, so that
+    ``qwen2_5_vl_batch([prompts[i]], seed=seed + i)`` is sample i of the batch alone.
 
     Returns a dict of ``input_ids``, ``attention_mask`` and, when present, ``pixel_values`` /
     ``image_grid_thw`` and ``pixel_values_videos`` / ``video_grid_thw`` (float32 pixels,
@@ -99,17 +102,20 @@ def qwen2_5_vl_batch(prompts, *, generator: torch.Generator | None = None, paddi
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
     patch_dim = 3 * 2 * 4 * 4
-    rows, images, videos = [], [], []
-    for prompt in prompts:
+    rows, images, videos, pixels, video_pixels = [], [], [], [], []
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(seed + index)
         ids = []
         for item in prompt:
             if isinstance(item, int):
                 ids += torch.randint(*_TEXT_IDS, (item,), generator=generator).tolist()
             elif item[0] == "image":
                 images.append((1, item[1], item[2]))
+                pixels.append(torch.randn(item[1] * item[2], patch_dim, generator=generator))
                 ids += _placeholders(images[-1], TOKENS["image"])
             elif item[0] == "video":
                 videos.append((item[1] // 2, item[2], item[3]))
+                video_pixels.append(torch.randn(item[1] // 2 * item[2] * item[3], patch_dim, generator=generator))
                 ids += _placeholders(videos[-1], TOKENS["video"])
             else:
                 raise ValueError(f"unknown prompt item {item!r}")
@@ -122,11 +128,10 @@ def qwen2_5_vl_batch(prompts, *, generator: torch.Generator | None = None, paddi
         input_ids[i, span] = torch.tensor(r)
         attention_mask[i, span] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    for name, grids in (("", images), ("_videos", videos)):
-        if grids:
-            grid = torch.tensor(grids)
-            batch[f"pixel_values{name}"] = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=generator)
-            batch["image_grid_thw" if not name else "video_grid_thw"] = grid
+    if images:
+        batch.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(images))
+    if videos:
+        batch.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(videos))
     if "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.forward).parameters:
         kinds = torch.zeros_like(input_ids, dtype=torch.int32)
         kinds[input_ids == TOKENS["image"]] = 1

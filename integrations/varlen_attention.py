@@ -34,10 +34,12 @@ def varlen_reference_attention(module, query, key, value, attention_mask, dropou
     """transformers attention function: ``query [B, Hq, Lq, Dh]``, ``key/value [B, Hkv, Lk, Dh]``.
 
     With ``cu_seq_lens_q`` and ``cu_seq_lens_k`` (int32 ``[S + 1]``, batch 1) each packed
-    sequence attends causally to itself only; otherwise ``attention_mask`` is the 2-D padding
+    sequence attends to itself only; otherwise ``attention_mask`` is the 2-D padding
     mask of the flash-attention convention (``[B, Lk]``, or None). Returns
-    ``(out [B, Lq, Hq, Dh], None)`` like transformers' own attention functions.
+    ``(out [B, Lq, Hq, Dh], None)`` like transformers' own attention functions. Causal unless
+    ``module.is_causal`` is False (a vision tower's windows attend both ways).
     """
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -48,12 +50,14 @@ def varlen_reference_attention(module, query, key, value, attention_mask, dropou
         bounds = zip(cu_q.tolist()[:-1], cu_q.tolist()[1:], cu_k.tolist()[:-1], cu_k.tolist()[1:])
         for q0, q1, k0, k1 in bounds:
             if q1 > q0:
-                mask = _causal(q1 - q0, k1 - k0, query.device)
+                mask = _causal(q1 - q0, k1 - k0, query.device) if causal else None
                 out[:, :, q0:q1] = F.scaled_dot_product_attention(
                     query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], attn_mask=mask, scale=scaling
                 )
     else:
-        mask = _causal(query.shape[2], key.shape[2], query.device).unsqueeze(0).unsqueeze(0)
+        mask = _causal(query.shape[2], key.shape[2], query.device)[None, None]
+        if not causal:
+            mask = torch.ones_like(mask)
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, -key.shape[2]:]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
