@@ -8,6 +8,7 @@ model's keyword arguments through :meth:`VisionSelector.language_model_inputs`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 
@@ -122,6 +123,22 @@ class VisionSelector:
         if value not in (None, True, False):
             raise TypeError(f"packed must be None, True or False, got {value!r}")
         self._packed = value
+
+    @contextlib.contextmanager
+    def using(self, *, budget: float | None = None, scope: str | None = None):
+        """Temporarily other settings, e.g. for one ``generate`` call (which does not pass
+        unknown keywords such as ``visionselector_budget`` to the model)::
+
+            with model.visionselector.using(budget=0.1):
+                model.generate(**inputs)
+        """
+        saved = self.budget, self.scope
+        try:
+            self.budget = saved[0] if budget is None else budget
+            self.scope = saved[1] if scope is None else scope
+            yield self
+        finally:
+            self.budget, self.scope = saved
 
     def __repr__(self) -> str:
         return f"VisionSelector(budget={self.budget}, scope={self.scope!r}, packed={self.packed})"

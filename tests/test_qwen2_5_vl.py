@@ -293,8 +293,12 @@ def test_budget_per_call_and_on_the_model():
         by_call = model(**batch, visionselector_budget=0.25).logits.shape[1]
         model.visionselector.budget = 0.25
         by_setting = model(**batch).logits.shape[1]
+        model.visionselector.budget = 0.5
+        with model.visionselector.using(budget=0.25):
+            by_context = model(**batch).logits.shape[1]
     length = batch["input_ids"].shape[1]
-    assert (by_model, by_call, by_setting) == (length - 8, length - 12, length - 12)
+    assert (by_model, by_call, by_setting, by_context) == (length - 8, length - 12, length - 12, length - 12)
+    assert model.visionselector.budget == 0.5
 
 
 def test_apply_and_revert_on_an_instance():
