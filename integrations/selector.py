@@ -280,6 +280,13 @@ class VisionSelector:
             out["attention_mask"] = mask = padded.attention_mask
             self.last = Selection(keep=keep, lengths=lengths)
             cache = kwargs.get("past_key_values")
+            use_cache = config.use_cache if kwargs.get("use_cache") is None else kwargs["use_cache"]
+            if cache is None and use_cache:
+                # Made here rather than inside the language model, so that the decode steps on
+                # it can be recognized.
+                from transformers.cache_utils import DynamicCache
+
+                cache = out["past_key_values"] = DynamicCache(config=config)
             if cache is not None:
                 self._pruned = _PrunedCache(weakref.ref(cache), length, mask)
         if kwargs.get("cache_position") is not None:
