@@ -241,6 +241,8 @@ def _top_pre_hook(model, args, kwargs):
     # Pruned logits no longer line up with the labels: the loss is computed after the forward
     # on the labels of the kept tokens.
     if labels is not None and not model.training:
+        if kwargs.get("return_dict") is False:
+            raise ValueError("with labels in eval mode the VisionSelector patch needs return_dict=True")
         selector.__dict__["_pending_labels"] = kwargs.pop("labels")
     return args, kwargs
 
