@@ -200,14 +200,11 @@ class VisionSelector:
             raise ValueError(
                 f"the visual mask is {tuple(call.visual_mask.shape)} but inputs_embeds is {tuple(embeds.shape)}"
             )
-        scores, segment_lengths, visual = self._score(embeds, call, counts)
-        cu = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(segment_lengths).cumsum(0)
-        cu = cu.to(embeds.device)
+        scores, cu, segment_lengths, visual = self._score(embeds, call, counts)
         k = budget_to_k(torch.tensor(segment_lengths), call.budget).to(embeds.device)
-        if call.training:
-            return self._soft_inputs(kwargs, scores, k, cu, visual)
         hard = topk_mask(scores.detach(), k, cu_seqlens=cu)
+        if call.training:
+            return self._soft_inputs(kwargs, scores, k, cu, hard, visual)
         keep = ~call.visual_mask | unpack(hard, visual.indices, visual.batch, visual.length).bool()
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
@@ -217,7 +214,8 @@ class VisionSelector:
     # -- the pieces ----------------------------------------------------------------------------
 
     def _score(self, embeds, call: _Call, counts):
-        """LIS scores of the visual tokens, packed in row-major order, with their segments."""
+        """LIS scores of the visual tokens, packed in row-major order, with their segments
+        (int32 offsets on the device, and lengths on the host) and the pack."""
         visual = select_and_pack(call.visual_mask, embeds, counts=counts)
         x = visual.tensors[0]
         if self.scope == "sample":
@@ -227,20 +225,18 @@ class VisionSelector:
             lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lengths).cumsum(0)
-        scorer_dtype = self.scorer.q_proj.weight.dtype
-        return self.scorer(x.to(scorer_dtype), cu.to(x.device)), lengths, visual
+        cu = cu.to(x.device)
+        return self.scorer(x.to(self.scorer.q_proj.weight.dtype), cu), cu, lengths, visual
 
-    def _soft_inputs(self, kwargs, scores, k, cu, visual) -> dict:
+    def _soft_inputs(self, kwargs, scores, k, cu, hard, visual) -> dict:
         soft = difftopk(scores, k, cu_seqlens=cu)
-        hard = topk_mask(scores.detach(), k, cu_seqlens=cu)
         factor = unpack(soft, visual.indices, visual.batch, visual.length, fill=1.0)
         embeds = kwargs["inputs_embeds"]
         self.last = Selection(soft_mask=factor, constraint_loss=constraint_loss(soft, hard))
         return {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype)}
 
     def _use_packed(self, kwargs, config) -> bool:
-        use_cache = kwargs.get("use_cache")
-        use_cache = config.use_cache if use_cache is None else use_cache
+        use_cache = _resolved_use_cache(kwargs, config)
         varlen = getattr(config, "_attn_implementation", None) in VARLEN_ATTENTION
         if self.packed is False:
             return False
@@ -280,8 +276,7 @@ class VisionSelector:
             out["attention_mask"] = mask = padded.attention_mask
             self.last = Selection(keep=keep, lengths=lengths)
             cache = kwargs.get("past_key_values")
-            use_cache = config.use_cache if kwargs.get("use_cache") is None else kwargs["use_cache"]
-            if cache is None and use_cache:
+            if cache is None and _resolved_use_cache(kwargs, config):
                 # Made here rather than inside the language model, so that the decode steps on
                 # it can be recognized.
                 from transformers.cache_utils import DynamicCache
@@ -318,3 +313,7 @@ class VisionSelector:
             out["cache_position"] = kwargs["cache_position"] - shift
         return out
 
+
+def _resolved_use_cache(kwargs, config) -> bool:
+    """Whether the language model will fill a cache: its ``use_cache``, or the config's."""
+    return config.use_cache if kwargs.get("use_cache") is None else bool(kwargs["use_cache"])
