@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
     )
     bench.add_argument(
-        "--op", default="all", choices=["all", "difftopk", "lis", "varlen"], help="which operator's table (default: all)"
+        "--op", default="all", choices=["all", "difftopk", "lis", "varlen", "prefill"], help="which operator's table (default: all)"
     )
     bench.add_argument(
         "--no-dense", action="store_true", help="lis: skip baseline (a), the N x N matrix (slow on CPU)"
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
             # The pack moves bytes: the model's dtype, bfloat16, unless asked otherwise.
             bench_varlen.summary(args.device, torch.bfloat16 if args.dtype == "float32" else dtype)
+        from vsops import bench_prefill
+
+        # "all" covers the operators; the end-to-end prefill joins it where transformers is installed.
+        if args.op == "prefill" or (args.op == "all" and bench_prefill.transformers_available()):
+            bench_prefill.summary(args.device, dtype)
     return 0
 
 

@@ -1,0 +1,308 @@
+"""End-to-end prefill benchmark, shared by ``benchmarks/test_bench_prefill.py`` and ``vsops bench
+--op prefill``: one forward over a prompt (``model(**batch, use_cache=False)``, eval mode,
+inference mode, sdpa attention) of a Qwen2.5-VL built from a config with random weights, without
+VisionSelector and with it at budgets 1.0, 0.3, 0.2 and 0.1 (the same weights, patched once).
+
+The prompt is batch 1: 30 text tokens, one image of 88 x 92 patches (2,024 visual tokens between
+its vision-start and vision-end tokens), 30 text tokens; L = 2,086 tokens. Per row:
+
+- prefill ms: the median of several forwards after a warm-up, on all the threads torch uses;
+- speedup over the unpatched prefill, and the ideal L / L': the total tokens over the tokens the
+  language model keeps, i.e. the speedup of a language model whose cost were linear in its
+  tokens. The vision tower sees every patch whatever the budget; its time alone is printed
+  with the table, as the part of the prefill that cannot shrink;
+- selector ms and its share of the prefill: the time spent in
+  ``VisionSelector.language_model_inputs`` (LIS scoring, top-k, gathering the kept tokens into
+  the padded language-model inputs), summed per forward;
+- peak MB: the memory the forward adds at its peak (CUDA: ``max_memory_allocated``; CPU on
+  Linux: the resident-set high-water mark, reset through ``/proc/self/clear_refs``).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+import torch
+
+BUDGETS = (1.0, 0.3, 0.2, 0.1)
+PROMPT = (30, ("image", 88, 92), 30)
+# About 1 s of unpatched prefill on 2 CPU threads, a third of it in the vision tower, which sees
+# the 8,096 patches before the 2 x 2 merge (in Qwen2.5-VL-7B, roughly a quarter of the FLOPs).
+MODEL_SIZES = dict(
+    hidden_size=512,
+    layers=6,
+    heads=8,
+    kv_heads=2,
+    intermediate_size=1536,
+    vision_hidden_size=128,
+    vision_depth=4,
+    vocab_size=1024,
+)
+REPEATS = 5
+SELECTOR_REPEATS = 3
+
+
+def transformers_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def build_model(device, dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A ``Qwen2_5_VLForConditionalGeneration`` of :data:`MODEL_SIZES`, random weights, eval mode."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**MODEL_SIZES, attn_implementation="sdpa"))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_batch(device, dtype=torch.float32, seed: int = 0) -> dict:
+    """The model inputs of :data:`PROMPT`: ``input_ids`` and ``attention_mask`` int64 ``[1, L]``,
+    ``pixel_values`` ``[8096, 96]`` in ``dtype``, ``image_grid_thw`` int64 ``[1, 3]``."""
+    from vsops.integrations.tiny_models import qwen2_5_vl_batch
+
+    batch = qwen2_5_vl_batch([list(PROMPT)], seed=seed)
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return {name: t.to(device) for name, t in batch.items()}
+
+
+def prefill_fn(model, batch) -> Callable[[], object]:
+    """One prefill forward; returns the model output."""
+    def run():
+        with torch.inference_mode():
+            return model(**batch, use_cache=False)
+
+    return run
+
+
+def vision_tower_fn(model, batch) -> Callable[[], object]:
+    """The vision tower alone on the prompt's image (patch embedding, blocks, merger)."""
+    def run():
+        with torch.inference_mode():
+            return model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+
+    return run
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device, repeats: int = REPEATS) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call. Not
+    :func:`vsops.bench.seconds`: its ``torch.utils.benchmark.Timer`` pins torch to one thread."""
+    device = torch.device(device)
+    fn()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def timing_selector(selector, device):
+    """Times every ``selector.language_model_inputs`` call while active; yields the list the
+    call times (seconds) are appended to. The hooks look the method up on each call, so an
+    instance attribute shadowing it is enough."""
+    device = torch.device(device)
+    method = selector.language_model_inputs
+    times: list[float] = []
+
+    def timed(kwargs, config):
+        _synchronize(device)
+        start = time.perf_counter()
+        inputs = method(kwargs, config)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+        return inputs
+
+    selector.language_model_inputs = timed
+    try:
+        yield times
+    finally:
+        del selector.language_model_inputs
+
+
+def selector_seconds(model, batch, device, repeats: int = SELECTOR_REPEATS) -> float:
+    """Median over ``repeats`` patched forwards of the selector's time per forward. Separate
+    forwards from the timed ones: on CUDA the timer synchronizes around the selector."""
+    run = prefill_fn(model, batch)
+    per_forward = []
+    with timing_selector(model.visionselector, device) as times:
+        for _ in range(repeats):
+            times.clear()
+            run()
+            per_forward.append(sum(times))
+    return statistics.median(per_forward)
+
+
+def kept_tokens(model, batch) -> int:
+    """L': the tokens the language model sees in a patched prefill (raises if nothing was
+    selected, i.e. the patch is not active)."""
+    selection = prefill_fn(model, batch)().visionselector
+    return int(selection.lengths[0])
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _peak_rss_increase(fn: Callable[[], object]) -> int | None:
+    """Bytes the resident set grows by at its peak during ``fn()``; None off Linux/glibc."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    # The benchmarks run with glibc told to keep freed memory (see vsops.cli), which would
+    # otherwise be reused and hide the forward's growth: give it back so RSS counts live memory.
+    libc.malloc_trim(0)
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    fn()
+    return 1024 * (_status_kib("VmHWM") - before)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device) -> int | None:
+    """Bytes allocated by one call of ``fn`` at its peak, over what was allocated before."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _peak_rss_increase(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+@dataclasses.dataclass
+class PrefillRow:
+    budget: float | None  # None: the unpatched model
+    tokens: int  # L
+    kept: int  # L'
+    ms: float
+    selector_ms: float
+    peak_mb: float | None
+
+    @property
+    def name(self) -> str:
+        return "unpatched" if self.budget is None else f"budget {self.budget}"
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.tokens / self.kept
+
+    @property
+    def selector_share(self) -> float:
+        return self.selector_ms / self.ms
+
+
+def prompt_token_counts() -> tuple[int, int]:
+    """(text tokens, visual tokens) of :data:`PROMPT`; the vision start/end tokens are neither."""
+    text = sum(item for item in PROMPT if isinstance(item, int))
+    visual = sum(h * w // 4 for _, h, w in (item for item in PROMPT if not isinstance(item, int)))
+    return text, visual
+
+
+def _megabytes(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
+def measure_unpatched(model, batch, device) -> PrefillRow:
+    run = prefill_fn(model, batch)
+    tokens = batch["input_ids"].shape[1]
+    return PrefillRow(
+        budget=None,
+        tokens=tokens,
+        kept=tokens,
+        ms=1e3 * median_seconds(run, device),
+        selector_ms=0.0,
+        peak_mb=_megabytes(peak_memory_bytes(run, device)),
+    )
+
+
+def measure_budget(model, batch, device, budget: float) -> PrefillRow:
+    """One row for a model patched with :func:`apply_visionselector_to_qwen2_5_vl`."""
+    model.visionselector.budget = budget
+    run = prefill_fn(model, batch)
+    return PrefillRow(
+        budget=budget,
+        tokens=batch["input_ids"].shape[1],
+        kept=kept_tokens(model, batch),
+        ms=1e3 * median_seconds(run, device),
+        selector_ms=1e3 * selector_seconds(model, batch, device),
+        peak_mb=_megabytes(peak_memory_bytes(run, device)),
+    )
+
+
+def measure_all(model, batch, device) -> list[PrefillRow]:
+    """The unpatched row, then one per budget of :data:`BUDGETS`; the model is patched for the
+    budget rows and reverted afterwards."""
+    from vsops.integrations import apply_visionselector_to_qwen2_5_vl, revert_visionselector
+
+    rows = [measure_unpatched(model, batch, device)]
+    apply_visionselector_to_qwen2_5_vl(model, budget=BUDGETS[0])
+    try:
+        rows += [measure_budget(model, batch, device, budget) for budget in BUDGETS]
+    finally:
+        revert_visionselector(model)
+    return rows
+
+
+def print_table(rows: list[PrefillRow], vision_ms: float, device, dtype, file: TextIO = sys.stdout) -> None:
+    sizes = MODEL_SIZES
+    text, visual = prompt_token_counts()
+    threads = f", {torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else ""
+    print(
+        f"Qwen2.5-VL prefill, batch 1, L = {rows[0].tokens} tokens ({text} text, {visual} visual), "
+        f"random weights: language model {sizes['layers']} x {sizes['hidden_size']} (MLP "
+        f"{sizes['intermediate_size']}), vision tower {sizes['vision_depth']} x {sizes['vision_hidden_size']}; "
+        f"sdpa, {str(dtype).replace('torch.', '')}, device {device}{threads}",
+        file=file,
+    )
+    print(f"Vision tower alone (every budget): {vision_ms:.1f} ms", file=file)
+    print(
+        "| model | L -> L' | prefill ms | speedup | ideal L/L' | selector ms | selector % of prefill | peak MB |",
+        file=file,
+    )
+    print("|" + "---|" * 8, file=file)
+    unpatched_ms = rows[0].ms
+    for r in rows:
+        peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+        print(
+            f"| {r.name} | {r.tokens} -> {r.kept} | {r.ms:.1f} | {unpatched_ms / r.ms:.2f}x | "
+            f"{r.ideal_speedup:.2f}x | {r.selector_ms:.2f} | {100 * r.selector_share:.2f}% | {peak} |",
+            file=file,
+        )
+
+
+def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout) -> list[PrefillRow]:
+    """Builds the model, measures every row and prints the table; returns the rows (none
+    without transformers)."""
+    if not transformers_available():
+        print("Prefill benchmark skipped: it needs transformers (pip install transformers).", file=file)
+        return []
+    device = torch.device(device)
+    model, batch = build_model(device, dtype), make_batch(device, dtype)
+    vision_ms = 1e3 * median_seconds(vision_tower_fn(model, batch), device)
+    rows = measure_all(model, batch, device)
+    print_table(rows, vision_ms, device, dtype, file)
+    return rows
