@@ -61,7 +61,8 @@ def seconds(fn: Callable[[], object], min_run_time: float = 0.3, warmup: bool = 
     which a baseline taking seconds per call can skip)."""
     if warmup:
         fn()
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    # Timer pins torch to one thread unless told otherwise: time with all of them.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
