@@ -14,6 +14,8 @@ go through :meth:`VisionSelector.language_model_inputs` (see :mod:`.selector`).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -221,9 +223,7 @@ def _inner_pre_hook(inner, args, kwargs):
 
 
 def _inner_post_hook(inner, args, output):
-    selection = inner.visionselector.end_call()
-    _attach(output, selection)
-    return output
+    return _attach(output, inner.visionselector.end_call())
 
 
 def _language_model_pre_hook(language_model, args, kwargs):
@@ -254,16 +254,34 @@ def _top_post_hook(model, args, output):
     if labels is not None and hasattr(output, "logits"):
         loss = _causal_lm_loss(model, output.logits, labels, selection)
         output = type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
-    _attach(output, selection)
-    return output
+    return _attach(output, selection)
 
 
-def _attach(output, selection: Selection | None) -> None:
+def _attach(output, selection: Selection | None):
+    """``output`` as an instance of its class extended with the fields ``visionselector`` and
+    ``constraint_loss``: a plain extra key would not survive the output's pytree round trip
+    (DistributedDataParallel and torch.compile rebuild outputs from their class's fields)."""
     if selection is None or not hasattr(output, "keys"):
-        return
-    output["visionselector"] = selection
-    if selection.constraint_loss is not None:
-        output["constraint_loss"] = selection.constraint_loss
+        return output
+    return _output_class(type(output))(
+        **output, visionselector=selection, constraint_loss=selection.constraint_loss
+    )
+
+
+def _output_class(cls):
+    if "visionselector" in getattr(cls, "__dataclass_fields__", {}):
+        return cls
+    name = cls.__name__ + "WithVisionSelector"
+    extended = globals().get(name)
+    if extended is None:
+        extended = dataclasses.make_dataclass(
+            name,
+            [("visionselector", Selection | None, None), ("constraint_loss", torch.Tensor | None, None)],
+            bases=(cls,),
+            namespace={"__module__": __name__},
+        )
+        globals()[name] = extended  # importable by name, so outputs pickle
+    return extended
 
 
 def _causal_lm_loss(model, logits, labels, selection: Selection | None) -> torch.Tensor:

@@ -43,6 +43,9 @@ class Selection:
         keep: bool ``[B, L]``: the tokens the language model saw (inference); None in training.
         soft_mask: float32 ``[B, L]``: the factor each token was scaled by (training; 1 at
             text tokens); None in inference.
+        visual_mask: bool ``[B, L]``: the visual tokens scored (training).
+        hard_mask: bool ``[B, L]``: the visual tokens the hard top-k selects, the target of the
+            constraint loss (training).
         constraint_loss: ``BCE(M_soft, M_hard)`` over the visual tokens (training), a scalar.
         cu_seqlens, max_seqlen: the packed layout (int32 ``[B + 1]``) when the kept tokens went
             to the language model packed; None when padded.
@@ -52,6 +55,8 @@ class Selection:
 
     keep: torch.Tensor | None = None
     soft_mask: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
+    hard_mask: torch.Tensor | None = None
     constraint_loss: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
@@ -78,7 +83,9 @@ class VisionSelector:
     """The selector's settings and per-call state, reachable as ``model.visionselector``.
 
     Attributes:
-        scorer: the :class:`vsops.LearnableImportanceScorer` (an attribute of the vision tower).
+        scorer: the :class:`vsops.LearnableImportanceScorer` (an attribute of the vision tower);
+            any module called as ``scorer(x [total, D], cu_seqlens) -> float32 [total]`` may
+            stand in, e.g. the baselines of :mod:`vsops.training.baselines`.
         budget: fraction of visual tokens kept, in (0, 1]; may be changed at any time.
         scope: ``"sample"`` (one budget over all visual tokens of a sample, as published) or
             ``"image"`` (one budget per image or video).
@@ -204,7 +211,7 @@ class VisionSelector:
         k = budget_to_k(torch.tensor(segment_lengths), call.budget).to(embeds.device)
         hard = topk_mask(scores.detach(), k, cu_seqlens=cu)
         if call.training:
-            return self._soft_inputs(kwargs, scores, k, cu, hard, visual)
+            return self._soft_inputs(kwargs, call, scores, k, cu, hard, visual)
         keep = ~call.visual_mask | unpack(hard, visual.indices, visual.batch, visual.length).bool()
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
@@ -218,6 +225,8 @@ class VisionSelector:
         (int32 offsets on the device, and lengths on the host) and the pack."""
         visual = select_and_pack(call.visual_mask, embeds, counts=counts)
         x = visual.tensors[0]
+        # The scorer's own dtype (a parameter-free baseline scorer takes the model's).
+        weight = next(self.scorer.parameters(), None)
         if self.scope == "sample":
             lengths = [n for n in counts if n > 0]
         else:
@@ -226,13 +235,18 @@ class VisionSelector:
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lengths).cumsum(0)
         cu = cu.to(x.device)
-        return self.scorer(x.to(self.scorer.q_proj.weight.dtype), cu), cu, lengths, visual
+        return self.scorer(x if weight is None else x.to(weight.dtype), cu), cu, lengths, visual
 
-    def _soft_inputs(self, kwargs, scores, k, cu, hard, visual) -> dict:
+    def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, hard, visual) -> dict:
         soft = difftopk(scores, k, cu_seqlens=cu)
         factor = unpack(soft, visual.indices, visual.batch, visual.length, fill=1.0)
         embeds = kwargs["inputs_embeds"]
-        self.last = Selection(soft_mask=factor, constraint_loss=constraint_loss(soft, hard))
+        self.last = Selection(
+            soft_mask=factor,
+            visual_mask=call.visual_mask,
+            hard_mask=unpack(hard, visual.indices, visual.batch, visual.length).bool(),
+            constraint_loss=constraint_loss(soft, hard),
+        )
         return {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype)}
 
     def _use_packed(self, kwargs, config) -> bool:

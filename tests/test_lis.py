@@ -110,6 +110,26 @@ def test_low_precision_inputs(backend, dtype, layout):
         _assert_relative(leaf.grad, e, 3e-2)
 
 
+@pytest.mark.parametrize("layout", ["ragged", "single"])
+def test_autocast_region_leaves_the_precision_to_the_op(backend, layout):
+    # Mixed-precision training calls the scorer inside autocast: the op's own matmuls must
+    # not be downcast (the kernels take float32 u), and the result is that of plain fp32.
+    name, device = backend
+    x, cu = LAYOUTS[layout](torch.float32, device)
+    weights = _weights(device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, *weights)]
+    plain = [t.clone().requires_grad_(True) for t in (x, *weights)]
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        scores = lis_score(*leaves, cu_seqlens=cu)
+    scores.sum().backward()
+    expected = lis_score(*plain, cu_seqlens=cu)
+    expected.sum().backward()
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected)
+    for leaf, p in zip(leaves, plain):
+        torch.testing.assert_close(leaf.grad, p.grad)
+
+
 def test_gradcheck_float64(backend):
     name, device = backend
     if name == "triton":

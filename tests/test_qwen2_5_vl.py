@@ -398,3 +398,21 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="packed=True"):
         model.visionselector.packed = True
         model(**batch, use_cache=False)
+
+
+def test_outputs_survive_a_pytree_round_trip():
+    # DistributedDataParallel and torch.compile rebuild outputs from their pytree: the
+    # selection must be a field of the output class, not a loose key.
+    import pickle
+
+    from torch.utils import _pytree as pytree
+
+    model = patched(make_model(), budget=0.25)
+    for training in (False, True):
+        model.train(training)
+        out = model(**make_batch())
+        leaves, spec = pytree.tree_flatten(out)
+        rebuilt = pytree.tree_unflatten(leaves, spec)
+        assert type(rebuilt) is type(out) and rebuilt.visionselector is out.visionselector
+        assert (rebuilt.constraint_loss is not None) == training
+        assert type(pickle.loads(pickle.dumps(out))) is type(out)

@@ -1,4 +1,4 @@
-"""The ``vsops`` command: ``vsops info`` and ``vsops bench``."""
+"""The ``vsops`` command: ``vsops info``, ``vsops bench`` and ``vsops train``."""
 from __future__ import annotations
 
 import argparse
@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    from vsops.training.run import add_arguments
+
+    add_arguments(commands.add_parser("train", help="train a VisionSelector scorer (synthetic task or JSONL data)"))
     args = parser.parse_args(argv)
 
-    if args.command == "info":
+    if args.command == "train":
+        from vsops.training.run import run
+
+        run(args)
+    elif args.command == "info":
         from vsops.info import info
 
         info()

@@ -133,9 +133,21 @@ def _segment_lengths(x: torch.Tensor, cu_seqlens, dtype: torch.dtype) -> torch.T
     return (cu_seqlens[1:] - cu_seqlens[:-1]).to(dtype)
 
 
+def _own_precision(tensor: torch.Tensor):
+    """Autocast off: the passes pick their own accumulation dtype, and an autocast matmul
+    would hand the kernels a low-precision ``u`` (autocast regions of mixed-precision
+    training)."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 class _LisScore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q_weight, q_bias, k_weight, k_bias, cu_seqlens, backend):
+        with _own_precision(x):
+            return _LisScore._forward(ctx, x, q_weight, q_bias, k_weight, k_bias, cu_seqlens, backend)
+
+    @staticmethod
+    def _forward(ctx, x, q_weight, q_bias, k_weight, k_bias, cu_seqlens, backend):
         scale = q_weight.shape[0] ** -0.5
         mean = _ops.segment_sum(x, None, cu_seqlens, backend=backend)
         k_mean = _times_weight(mean, k_weight, True, backend)
@@ -151,6 +163,11 @@ class _LisScore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with _own_precision(grad):
+            return _LisScore._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, q_weight, q_bias, k_weight, cu_seqlens, mean, k_mean, u = ctx.saved_tensors
         needs_x, needs_qw, needs_qb, needs_kw, needs_kb = ctx.needs_input_grad[:5]
         if not any(ctx.needs_input_grad[:5]):

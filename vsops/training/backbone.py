@@ -1,0 +1,58 @@
+"""Fitting a small backbone to a task with every visual token, before its scorer is trained
+(the synthetic task has no pretrained model to start from)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vsops.training.data import collate
+
+__all__ = ["fit_backbone"]
+
+
+def fit_backbone(
+    model: nn.Module, dataset, *, steps: int, batch_size: int = 32, lr: float = 1.5e-3, progress: bool = True,
+    first_index: int = 0,
+) -> list[float]:
+    """Trains every parameter of an unpatched ``model`` on ``dataset[first_index:]`` (answer
+    tokens' cross-entropy, all visual tokens, AdamW with cosine decay), in place.
+
+    Returns the loss of each step.
+    """
+    if getattr(model, "visionselector", None) is not None:
+        raise ValueError("fit the backbone before patching it: a patched model in training mode scales its tokens")
+    device = next(model.parameters()).device
+    config = model.config
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="backbone", unit="step", dynamic_ncols=True)
+    model.train()
+    losses = []
+    for step in range(steps):
+        first = first_index + step * batch_size
+        batch = collate([dataset[first + i] for i in range(batch_size)], pad_token_id=config.pad_token_id or 0,
+                        image_token_id=config.image_token_id, video_token_id=config.video_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3g}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return losses

@@ -1,0 +1,112 @@
+"""Held-out evaluation of a patched model at several budgets, with its scorer or a baseline."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from vsops.training.data import Example, collate
+
+__all__ = ["scorer_replaced", "answer_accuracy", "accuracy_table", "pruned_loss", "loss_table"]
+
+
+@contextlib.contextmanager
+def scorer_replaced(model: nn.Module, scorer: nn.Module | None):
+    """Temporarily selects with ``scorer`` (a baseline) in place of the model's own; None
+    keeps the model's."""
+    selector = model.visionselector
+    saved = selector.scorer
+    if scorer is not None:
+        selector.scorer = scorer
+    try:
+        yield
+    finally:
+        selector.scorer = saved
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budget: float, batch_size: int = 64,
+    device: torch.device | None = None,
+) -> float:
+    """Share of ``examples`` whose first answer token the patched ``model`` predicts, among
+    ``answer_tokens``, from the prompt with ``budget`` of its visual tokens (hard top-k, in
+    eval mode: the unkept tokens are dropped)."""
+    device = device or next(model.parameters()).device
+    config = model.config
+    candidates = torch.tensor(answer_tokens, device=device)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with model.visionselector.using(budget=budget):
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                batch = collate(chunk, pad_token_id=config.pad_token_id or 0, image_token_id=config.image_token_id,
+                                video_token_id=config.video_token_id, prompt_only=True)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(**batch, use_cache=False).logits[:, -1, candidates]
+                target = torch.tensor([int(e.input_ids[e.prompt_length]) for e in chunk], device=device)
+                correct += int((candidates[logits.argmax(-1)] == target).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(examples)
+
+
+def accuracy_table(
+    model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budgets=(0.1, 0.2, 0.3, 1.0),
+    baselines: dict[str, nn.Module] | None = None, batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
+    """``{"visionselector": {"0.1": acc, ...}, "<baseline>": {...}}``: accuracy at each
+    budget with the model's scorer and with each baseline scorer."""
+    methods = {"visionselector": None, **(baselines or {})}
+    table = {}
+    for name, scorer in methods.items():
+        table[name] = {}
+        for budget in budgets:
+            if hasattr(scorer, "reset"):
+                scorer.reset()  # every budget draws the same random scores
+            with scorer_replaced(model, scorer):
+                table[name][str(budget)] = answer_accuracy(
+                    model, examples, answer_tokens, budget=budget, batch_size=batch_size
+                )
+    return table
+
+
+@torch.no_grad()
+def pruned_loss(model: nn.Module, examples: list[Example], *, budget: float, batch_size: int = 8) -> float:
+    """Mean cross-entropy of the answer tokens of ``examples`` when the patched ``model`` sees
+    ``budget`` of the visual tokens (eval mode: the labels of the kept tokens, see the
+    integration), weighted by answer tokens."""
+    device = next(model.parameters()).device
+    config = model.config
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with model.visionselector.using(budget=budget):
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start : start + batch_size], pad_token_id=config.pad_token_id or 0,
+                                image_token_id=config.image_token_id, video_token_id=config.video_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                total += float(model(**batch, use_cache=False).loss) * n
+                count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def loss_table(model: nn.Module, examples: list[Example], *, budgets=(0.1, 0.2, 0.3, 1.0),
+               baselines: dict[str, nn.Module] | None = None) -> dict[str, dict[str, float]]:
+    """Like :func:`accuracy_table`, with :func:`pruned_loss` (for data without a fixed answer set)."""
+    table = {}
+    for name, scorer in {"visionselector": None, **(baselines or {})}.items():
+        table[name] = {}
+        for budget in budgets:
+            if hasattr(scorer, "reset"):
+                scorer.reset()
+            with scorer_replaced(model, scorer):
+                table[name][str(budget)] = pruned_loss(model, examples, budget=budget)
+    return table

@@ -1,0 +1,142 @@
+"""A synthetic visual question task on which token selection decides the answer.
+
+Every image is a ``grid x grid`` board of cells, one merged visual token each (8 x 8 pixels
+for the tiny Qwen2.5-VL: patch 4, merge 2). Every cell holds a glyph in a colour: two cells
+hold the two *target* glyphs, all others one of several *distractor* glyphs. The question
+names a target; the answer is its colour. So the answer lives in one cell among
+``grid**2`` equally busy ones: a model that keeps the wrong 20% of the visual tokens guesses.
+
+All glyphs light the same number of pixels and all colours have the same norm, so a token's
+norm says nothing about whether it is a target, and the two targets are fixed for the task, so
+a question-agnostic scorer (LIS) can learn to keep them.
+
+Example ``i`` is a pure function of ``(task seed, i)``: every process, resumed run and
+evaluation sees the same data without storing it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from vsops.integrations.tiny_models import TOKENS
+from vsops.training.data import Example
+
+__all__ = ["SyntheticTask", "patchify"]
+
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+CELL = PATCH * MERGE  # pixels per side of one merged visual token
+
+# Token ids of the task's words; the tiny config's vocabulary is 128 and ids >= 100 are special.
+QUESTION_TOKENS = (10, 11)  # "colour of target A?" / "... target B?"
+COLOUR_TOKENS = tuple(range(20, 28))
+_PALETTE = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1), (2, 1, 0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTask:
+    """The task's shape. ``grid**2`` visual tokens per image, ``colours`` possible answers.
+
+    Attributes:
+        grid: cells per side (visual tokens per image: ``grid**2``).
+        colours: number of colours, the answer classes (at most 8).
+        distractors: number of distractor glyphs.
+        noise: standard deviation of the pixel noise.
+        seed: the task's seed; it fixes the glyphs and palette, and with an index, an example.
+    """
+
+    grid: int = 6
+    colours: int = 8
+    distractors: int = 6
+    noise: float = 0.3
+    questions: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 2 <= self.grid:
+            raise ValueError(f"grid must be >= 2, got {self.grid}")
+        if not 2 <= self.colours <= len(COLOUR_TOKENS):
+            raise ValueError(f"colours must be in [2, {len(COLOUR_TOKENS)}], got {self.colours}")
+        if self.distractors < 1:
+            raise ValueError(f"distractors must be >= 1, got {self.distractors}")
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def answer_tokens(self) -> tuple[int, ...]:
+        """The token ids an answer can be, in colour order."""
+        return COLOUR_TOKENS[: self.colours]
+
+    @functools.cached_property
+    def _glyphs_and_palette(self):
+        # Glyphs light disjoint, equally many pixels (orthogonal, equal norm); colours are
+        # distinct non-negative directions of equal norm, as colours are.
+        g = torch.Generator().manual_seed(self.seed)
+        count = 2 + self.distractors
+        lit = CELL * CELL // count
+        order = torch.randperm(CELL * CELL, generator=g)
+        glyphs = torch.zeros(count, CELL * CELL)
+        for i in range(count):
+            glyphs[i, order[i * lit : (i + 1) * lit]] = 1.0
+        palette = torch.tensor(_PALETTE[: self.colours], dtype=torch.float32)
+        palette = palette / palette.norm(dim=1, keepdim=True) * 3**0.5
+        return glyphs.view(count, CELL, CELL), palette
+
+    def image(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        """Image ``index``: float32 ``[3, grid*8, grid*8]``, the asked target (0 or 1), the
+        answer's colour and the flat cell of the asked target."""
+        glyphs, palette = self._glyphs_and_palette
+        g = torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + index)
+        cells = self.visual_tokens
+        shapes = 2 + torch.randint(self.distractors, (cells,), generator=g)
+        colours = torch.randint(self.colours, (cells,), generator=g)
+        where = torch.randperm(cells, generator=g)[:2]
+        shapes[where] = torch.tensor([0, 1])
+        asked = int(torch.randint(2, (1,), generator=g)) if self.questions == 2 else 0
+        # [cells, 3, CELL, CELL] -> the board [3, grid*CELL, grid*CELL]
+        board = palette[colours][:, :, None, None] * glyphs[shapes][:, None]
+        board = board.view(self.grid, self.grid, 3, CELL, CELL).permute(2, 0, 3, 1, 4)
+        board = board.reshape(3, self.grid * CELL, self.grid * CELL)
+        board = board + self.noise * torch.randn(board.shape, generator=g)
+        return board, asked, int(colours[where[asked]]), int(where[asked])
+
+    def __getitem__(self, index: int) -> Example:
+        return self.example(index)
+
+    def example(self, index: int) -> Example:
+        """Example ``index`` as the model takes it: ``<bos> <vision_start> <image>*grid**2
+        <vision_end> <question> <answer> <eos>``, with the loss on the answer only."""
+        pixels, asked, colour, _ = self.image(index)
+        prompt = (
+            [TOKENS["bos"], TOKENS["vision_start"]]
+            + [TOKENS["image"]] * self.visual_tokens
+            + [TOKENS["vision_end"], QUESTION_TOKENS[asked]]
+        )
+        answer = [COLOUR_TOKENS[colour]]
+        return Example(
+            input_ids=torch.tensor(prompt + answer),
+            labels=torch.tensor([-100] * len(prompt) + answer),
+            pixel_values=patchify(pixels),
+            image_grid_thw=torch.tensor([[1, self.grid * MERGE, self.grid * MERGE]]),
+            prompt_length=len(prompt),
+        )
+
+
+def patchify(image: torch.Tensor) -> torch.Tensor:
+    """A ``[3, H, W]`` image as Qwen2.5-VL's vision tower takes it: ``[H/4 * W/4, 3*2*4*4]``
+    rows of 4 x 4 patches repeated over the 2 temporal frames, grouped by 2 x 2 merge window in
+    row-major window order, the layout of transformers' ``Qwen2VLImageProcessor``."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
+    _, height, width = image.shape
+    if height % CELL or width % CELL:
+        raise ValueError(f"image height and width must be multiples of {CELL}, got {height} x {width}")
+    h, w = height // PATCH, width // PATCH
+    frames = image.unsqueeze(0).expand(TEMPORAL, -1, -1, -1)  # [T, C, H, W]
+    x = frames.reshape(TEMPORAL, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    # -> [h/m, w/m, m, m, C, T, p, p]
+    x = x.permute(2, 5, 3, 6, 1, 0, 4, 7)
+    return x.reshape(h * w, 3 * TEMPORAL * PATCH * PATCH).contiguous()
