@@ -266,3 +266,48 @@ def test_export_synthetic_round_trips(tmp_path):
         assert example.image_grid_thw.tolist() == [[1, 8, 8]]
         assert (example.input_ids == PAD).sum() == task.visual_tokens
         assert TOK.decode(example.labels[example.labels != -100]) == COLOUR_NAMES[colour] + "<|im_end|>"
+
+
+def test_vsops_train_on_jsonl_data(tmp_path):
+    # The real-data path of `vsops train`: a model directory with its tokenizer and image
+    # processor, JSONL conversations with PNG images; a scorer and eval losses come out.
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config
+
+    model_dir = tmp_path / "model"
+    config = tiny_qwen2_5_vl_config(vocab_size=len(TOK))
+    ids = dict(zip(SPECIAL, TOK.convert_tokens_to_ids(SPECIAL)))
+    config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(model_dir)
+    PROCESSOR.tokenizer.save_pretrained(model_dir)
+    PROCESSOR.image_processor.save_pretrained(model_dir)
+    data = export_synthetic(SyntheticTask(grid=4), tmp_path / "data", count=8)
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "vsops.cli", "train", "--data", data, "--eval-data", data, "--model", str(model_dir),
+         "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--no-progress", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(load_file(str(out / "scorer.safetensors"))) == {
+        f"visual.importance_scorer.{p}_proj.{w}" for p in "qk" for w in ("weight", "bias")
+    }
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["step"] == 2
+    losses = metrics["eval_loss"]["visionselector"]
+    assert set(losses) == {"0.1", "0.2", "0.3", "1.0"} and all(0 < v < 20 for v in losses.values())
+    # at budget 1.0 every token stays: the loss is the unpatched model's
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    examples = list(JsonlDataset(data, PROCESSOR))
+    batch = collate(examples, pad_token_id=TOK.pad_token_id, image_token_id=config.image_token_id,
+                    video_token_id=config.video_token_id)
+    with torch.no_grad():
+        assert losses["1.0"] == pytest.approx(plain(**batch).loss.item(), rel=1e-5)
+    assert losses["0.1"] != pytest.approx(losses["1.0"], rel=1e-5)

@@ -19,7 +19,7 @@ from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config  # noqa: E402
 from vsops.training import SyntheticTask, TrainConfig, collate, load_scorer, train  # noqa: E402
 from vsops.training.backbone import fit_backbone  # noqa: E402
 from vsops.training.baselines import RandomScorer  # noqa: E402
-from vsops.training.evaluate import answer_accuracy, scorer_replaced  # noqa: E402
+from vsops.training.evaluate import answer_accuracy, answer_metrics, scorer_replaced  # noqa: E402
 from vsops.training.checkpoint import latest_checkpoint  # noqa: E402
 
 TASK = SyntheticTask(grid=4)  # 16 visual tokens, 2 of them targets
@@ -54,8 +54,13 @@ def test_short_run_lowers_the_loss_and_learns_to_select(tmp_path, fitted_backbon
     answers = list(TASK.answer_tokens)
     full = answer_accuracy(model, held_out, answers, budget=1.0)
     assert full > 0.9  # the backbone knows the task
+    needles = [TASK.target_position(10**9 + i) for i in range(256)]
+    assert all(int(e.input_ids[n]) == model.config.image_token_id for e, n in zip(held_out, needles))
     with scorer_replaced(model, RandomScorer()):
-        chance = answer_accuracy(model, held_out, answers, budget=0.25)
+        random = answer_metrics(model, held_out, answers, budget=0.25, needles=needles)
+    chance = random["accuracy"]
+    assert 0.15 < random["needle_kept"] < 0.35  # 4 of 16 tokens
+    assert answer_metrics(model, held_out, answers, budget=1.0, needles=needles)["needle_kept"] == 1.0
     # λ held at 1: the loss is then comparable from step to step
     config = TrainConfig(steps=80, batch_size=16, lr=3e-3, log_every=1, budget=0.25, lambda_start=1.0, lambda_end=1.0)
     history = train(model, TASK, config, str(tmp_path), progress=False)
@@ -64,8 +69,9 @@ def test_short_run_lowers_the_loss_and_learns_to_select(tmp_path, fitted_backbon
     assert last < first - 0.2, (first, last)
     assert history[-1]["mask_entropy"] < 0.5 * history[0]["mask_entropy"]  # the selection sharpens
     assert history[-1]["overlap"] > 0.6 > history[0]["overlap"]
-    trained = answer_accuracy(model, held_out, answers, budget=0.25)
-    assert trained > chance + 0.3 and trained > full - 0.2, (chance, trained, full)
+    trained = answer_metrics(model, held_out, answers, budget=0.25, needles=needles)
+    assert trained["needle_kept"] > 0.8, trained
+    assert trained["accuracy"] > chance + 0.3 and trained["accuracy"] > full - 0.2, (chance, trained, full)
     for p in model.parameters():  # the backbone stays frozen, the scorer is trained
         assert p.requires_grad == any(p is q for q in model.visionselector.scorer.parameters())
     logged = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]

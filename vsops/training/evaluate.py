@@ -8,7 +8,7 @@ from torch import nn
 
 from vsops.training.data import Example, collate
 
-__all__ = ["scorer_replaced", "answer_accuracy", "accuracy_table", "pruned_loss", "loss_table"]
+__all__ = ["scorer_replaced", "answer_metrics", "answer_accuracy", "answer_tables", "pruned_loss", "loss_table"]
 
 
 @contextlib.contextmanager
@@ -26,19 +26,28 @@ def scorer_replaced(model: nn.Module, scorer: nn.Module | None):
 
 
 @torch.no_grad()
-def answer_accuracy(
-    model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budget: float, batch_size: int = 64,
-    device: torch.device | None = None,
-) -> float:
-    """Share of ``examples`` whose first answer token the patched ``model`` predicts, among
-    ``answer_tokens``, from the prompt with ``budget`` of its visual tokens (hard top-k, in
-    eval mode: the unkept tokens are dropped)."""
-    device = device or next(model.parameters()).device
+def answer_metrics(
+    model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budget: float, needles: list[int] | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """How the patched ``model`` answers ``examples`` from their prompts when it keeps
+    ``budget`` of the visual tokens (hard top-k, eval mode: the unkept tokens are dropped).
+
+    Args:
+        answer_tokens: the token ids an answer can be; the prediction is the likeliest of them.
+        needles: optionally, per example, the prompt position of the token the answer depends
+            on (e.g. :meth:`SyntheticTask.target_position`).
+
+    Returns:
+        ``accuracy``: share of examples whose first answer token is predicted; with
+        ``needles``, also ``needle_kept``: share of examples whose needle survived the selection.
+    """
+    device = next(model.parameters()).device
     config = model.config
     candidates = torch.tensor(answer_tokens, device=device)
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = kept = 0
     try:
         with model.visionselector.using(budget=budget):
             for start in range(0, len(examples), batch_size):
@@ -46,32 +55,47 @@ def answer_accuracy(
                 batch = collate(chunk, pad_token_id=config.pad_token_id or 0, image_token_id=config.image_token_id,
                                 video_token_id=config.video_token_id, prompt_only=True)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(**batch, use_cache=False).logits[:, -1, candidates]
+                out = model(**batch, use_cache=False)
+                logits = out.logits[:, -1, candidates]
                 target = torch.tensor([int(e.input_ids[e.prompt_length]) for e in chunk], device=device)
                 correct += int((candidates[logits.argmax(-1)] == target).sum())
+                if needles is not None:
+                    width = batch["input_ids"].shape[1]
+                    keep = out.visionselector.keep if out.get("visionselector") is not None else None
+                    for row, (e, needle) in enumerate(zip(chunk, needles[start : start + batch_size])):
+                        # prompts are padded on the left
+                        kept += 1 if keep is None else int(keep[row, width - e.prompt_length + needle])
     finally:
         model.train(was_training)
-    return correct / len(examples)
+    metrics = {"accuracy": correct / len(examples)}
+    if needles is not None:
+        metrics["needle_kept"] = kept / len(examples)
+    return metrics
 
 
-def accuracy_table(
+def answer_accuracy(model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budget: float,
+                    batch_size: int = 64) -> float:
+    """The ``accuracy`` of :func:`answer_metrics`."""
+    return answer_metrics(model, examples, answer_tokens, budget=budget, batch_size=batch_size)["accuracy"]
+
+
+def answer_tables(
     model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budgets=(0.1, 0.2, 0.3, 1.0),
-    baselines: dict[str, nn.Module] | None = None, batch_size: int = 64,
-) -> dict[str, dict[str, float]]:
-    """``{"visionselector": {"0.1": acc, ...}, "<baseline>": {...}}``: accuracy at each
-    budget with the model's scorer and with each baseline scorer."""
-    methods = {"visionselector": None, **(baselines or {})}
-    table = {}
-    for name, scorer in methods.items():
-        table[name] = {}
+    baselines: dict[str, nn.Module] | None = None, needles: list[int] | None = None, batch_size: int = 64,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`answer_metrics` at each budget with the model's scorer and with each baseline:
+    ``{"accuracy": {"visionselector": {"0.1": ..., ...}, "<baseline>": {...}}, "needle_kept": ...}``."""
+    tables: dict = {}
+    for name, scorer in {"visionselector": None, **(baselines or {})}.items():
         for budget in budgets:
             if hasattr(scorer, "reset"):
                 scorer.reset()  # every budget draws the same random scores
             with scorer_replaced(model, scorer):
-                table[name][str(budget)] = answer_accuracy(
-                    model, examples, answer_tokens, budget=budget, batch_size=batch_size
-                )
-    return table
+                metrics = answer_metrics(model, examples, answer_tokens, budget=budget, needles=needles,
+                                         batch_size=batch_size)
+            for metric, value in metrics.items():
+                tables.setdefault(metric, {}).setdefault(name, {})[str(budget)] = value
+    return tables
 
 
 @torch.no_grad()
@@ -100,7 +124,7 @@ def pruned_loss(model: nn.Module, examples: list[Example], *, budget: float, bat
 
 def loss_table(model: nn.Module, examples: list[Example], *, budgets=(0.1, 0.2, 0.3, 1.0),
                baselines: dict[str, nn.Module] | None = None) -> dict[str, dict[str, float]]:
-    """Like :func:`accuracy_table`, with :func:`pruned_loss` (for data without a fixed answer set)."""
+    """Like :func:`answer_tables`, with :func:`pruned_loss` (for data without a fixed answer set)."""
     table = {}
     for name, scorer in {"visionselector": None, **(baselines or {})}.items():
         table[name] = {}

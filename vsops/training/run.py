@@ -103,7 +103,7 @@ def _run_synthetic(args, topology) -> dict:
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
     from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config
     from vsops.training.baselines import BASELINES
-    from vsops.training.evaluate import accuracy_table
+    from vsops.training.evaluate import answer_tables
     from vsops.training.synthetic import SyntheticTask
 
     task = SyntheticTask(seed=args.seed)
@@ -141,24 +141,32 @@ def _run_synthetic(args, topology) -> dict:
         metrics["accuracy"] = "not evaluated under ZeRO-3: load scorer.safetensors into the backbone in one process"
     elif topology.is_main and args.eval_examples:
         start = time.perf_counter()
-        held_out = [task[HELD_OUT_INDEX + i] for i in range(args.eval_examples)]
+        indices = range(HELD_OUT_INDEX, HELD_OUT_INDEX + args.eval_examples)
         baselines = {name: make() for name, make in BASELINES.items()}
-        metrics["accuracy"] = accuracy_table(model, held_out, list(task.answer_tokens), budgets=EVAL_BUDGETS,
-                                             baselines=baselines)
+        # accuracy, and how often the asked target survived the selection (target_kept)
+        tables = answer_tables(model, [task[i] for i in indices], list(task.answer_tokens), budgets=EVAL_BUDGETS,
+                               baselines=baselines, needles=[task.target_position(i) for i in indices])
+        metrics["accuracy"], metrics["target_kept"] = tables["accuracy"], tables["needle_kept"]
         metrics["eval_examples"] = args.eval_examples
         seconds["evaluation"] = time.perf_counter() - start
     return metrics
 
 
 def _run_jsonl(args, topology) -> dict:
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from types import SimpleNamespace
+
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
     from vsops.training.evaluate import loss_table
     from vsops.training.jsonl import JsonlDataset
 
     config = _train_config(args, {})
-    processor = AutoProcessor.from_pretrained(args.model)
+    # The tokenizer and image processor are all the data needs (the full processor would
+    # also load a video processor, which needs torchvision).
+    processor = SimpleNamespace(
+        tokenizer=AutoTokenizer.from_pretrained(args.model), image_processor=AutoImageProcessor.from_pretrained(args.model)
+    )
     dataset = JsonlDataset(args.data, processor, image_root=args.image_root)
     dtype = torch.bfloat16 if topology.device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype).to(topology.device)

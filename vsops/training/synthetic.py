@@ -103,6 +103,11 @@ class SyntheticTask:
         board = board + self.noise * torch.randn(board.shape, generator=g)
         return board, asked, int(colours[where[asked]]), int(where[asked])
 
+    def target_position(self, index: int) -> int:
+        """Where example ``index``'s asked target sits in its prompt (after ``<bos>
+        <vision_start>``)."""
+        return 2 + self.image(index)[3]
+
     def __getitem__(self, index: int) -> Example:
         return self.example(index)
 
