@@ -179,3 +179,18 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     # the equivalence is not trivial: a different global batch gives other weights
     other = _cli(tmp_path / "other", sys.executable, "-m", "vsops.cli", extra=("--seed", "1"))
     assert any(not torch.allclose(other[name], one[name], rtol=1e-5, atol=1e-7) for name in KEYS)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "synthetic", "--budget", "1.5"], "budget must be in"),
+        (["--task", "synthetic", "--batch-size", "6", "--micro-batch-size", "4"], "micro-batches of 4"),
+        (["--data", "x.jsonl"], "--data needs --model"),
+    ],
+)
+def test_cli_reports_bad_settings(tmp_path, args, message):
+    done = subprocess.run([sys.executable, "-m", "vsops.cli", "train", *args, "--backbone-steps", "0", "--output-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from vsops.training.run import run
 
-        run(args)
+        try:
+            run(args)
+        except ValueError as e:  # bad settings or data: a usage error, not a traceback
+            parser.error(f"train: {e}")
     elif args.command == "info":
         from vsops.info import info
 
