@@ -91,3 +91,13 @@ def test_sample_order_permutes_each_epoch_and_is_reproducible():
     assert first != second
     assert [SampleOrder(list(range(5)), seed=3)(p) for p in range(10)] == first + second
     assert SampleOrder(type("Endless", (), {"__getitem__": lambda self, i: i})(), seed=0)(123) == 123
+
+
+def test_next_token_cross_entropy_pairs_each_position_with_the_next_label():
+    from vsops.training.objective import next_token_cross_entropy
+
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    labels = torch.tensor([[-100, 1, 0]])  # position 0 predicts label 1 (p 0.5), position 1 label 0 (p 0.9)
+    expected = -(math.log(0.5) + math.log(0.9))
+    assert next_token_cross_entropy(logits, labels, reduction="sum").item() == pytest.approx(expected)
+    assert next_token_cross_entropy(logits, labels).item() == pytest.approx(expected / 2)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vsops.training.data import collate
+from vsops.training.data import collate_for_model
+from vsops.training.objective import next_token_cross_entropy
+from vsops.training.progress import progress_bar
 
 __all__ = ["fit_backbone"]
 
@@ -25,34 +26,26 @@ def fit_backbone(
     if getattr(model, "visionselector", None) is not None:
         raise ValueError("fit the backbone before patching it: a patched model in training mode scales its tokens")
     device = next(model.parameters()).device
-    config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="backbone", unit="step", dynamic_ncols=True)
+    bar = progress_bar(progress, steps, "backbone")
     model.train()
     losses = []
     for step in range(steps):
         first = first_index + step * batch_size
-        batch = collate([dataset[first + i] for i in range(batch_size)], pad_token_id=config.pad_token_id or 0,
-                        image_token_id=config.image_token_id, video_token_id=config.video_token_id)
+        batch = collate_for_model([dataset[first + i] for i in range(batch_size)], model.config)
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = next_token_cross_entropy(logits, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3g}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix({"loss": f"{loss.item():.3g}"})
+    bar.close()
     model.eval()
     return losses

@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-__all__ = ["Example", "collate"]
+__all__ = ["Example", "collate", "collate_for_model"]
 
 
 @dataclasses.dataclass
@@ -76,6 +76,13 @@ def collate(
             kinds[input_ids == video_token_id] = 2
         batch["mm_token_type_ids"] = kinds
     return batch
+
+
+def collate_for_model(examples: list[Example], config, *, prompt_only: bool = False) -> dict:
+    """:func:`collate` with the padding and placeholder ids of a Qwen2.5-VL ``config``."""
+    pad = getattr(config, "pad_token_id", None)
+    return collate(examples, pad_token_id=0 if pad is None else pad, image_token_id=config.image_token_id,
+                   video_token_id=config.video_token_id, prompt_only=prompt_only)
 
 
 def _takes_mm_token_type_ids() -> bool:

@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
-from vsops.training.data import Example, collate
+from vsops.training.data import Example, collate_for_model
 
 __all__ = ["scorer_replaced", "answer_metrics", "answer_accuracy", "answer_tables", "pruned_loss", "loss_table"]
 
@@ -43,7 +43,6 @@ def answer_metrics(
         ``needles``, also ``needle_kept``: share of examples whose needle survived the selection.
     """
     device = next(model.parameters()).device
-    config = model.config
     candidates = torch.tensor(answer_tokens, device=device)
     was_training = model.training
     model.eval()
@@ -52,8 +51,7 @@ def answer_metrics(
         with model.visionselector.using(budget=budget):
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
-                batch = collate(chunk, pad_token_id=config.pad_token_id or 0, image_token_id=config.image_token_id,
-                                video_token_id=config.video_token_id, prompt_only=True)
+                batch = collate_for_model(chunk, model.config, prompt_only=True)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = model(**batch, use_cache=False)
                 logits = out.logits[:, -1, candidates]
@@ -104,15 +102,13 @@ def pruned_loss(model: nn.Module, examples: list[Example], *, budget: float, bat
     ``budget`` of the visual tokens (eval mode: the labels of the kept tokens, see the
     integration), weighted by answer tokens."""
     device = next(model.parameters()).device
-    config = model.config
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         with model.visionselector.using(budget=budget):
             for start in range(0, len(examples), batch_size):
-                batch = collate(examples[start : start + batch_size], pad_token_id=config.pad_token_id or 0,
-                                image_token_id=config.image_token_id, video_token_id=config.video_token_id)
+                batch = collate_for_model(examples[start : start + batch_size], model.config)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 n = int((batch["labels"][:, 1:] != -100).sum())
                 total += float(model(**batch, use_cache=False).loss) * n

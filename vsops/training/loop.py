@@ -21,15 +21,15 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vsops.budget import check_budget
 from vsops.training.checkpoint import latest_checkpoint, load_training_state, save_scorer, save_training_state
-from vsops.training.data import collate
+from vsops.training.data import collate_for_model
 from vsops.training.distributed import Topology, all_reduce_sum
 from vsops.training.engine import make_engine
-from vsops.training.objective import composite_loss, mask_statistics
+from vsops.training.objective import composite_loss, mask_statistics, next_token_cross_entropy
+from vsops.training.progress import progress_bar
 from vsops.training.schedule import constraint_weight, cosine_with_warmup
 
 __all__ = ["TrainConfig", "train", "resolve_precision", "SampleOrder"]
@@ -206,10 +206,9 @@ def train(
             raise ValueError(f"{resume} was written with another configuration: {state['config']}")
     order = SampleOrder(dataset, config.seed)
     mm = model.config
-    pad = mm.pad_token_id if getattr(mm, "pad_token_id", None) is not None else 0
     visual_ids = torch.tensor([mm.image_token_id, mm.video_token_id])
 
-    bar = _progress_bar(progress and topology.is_main, start, config.steps)
+    bar = progress_bar(progress and topology.is_main, config.steps, "scorer", initial=start)
     log_path = os.path.join(output_dir, "train_log.jsonl")
     if topology.is_main:
         os.makedirs(output_dir, exist_ok=True)
@@ -218,8 +217,7 @@ def train(
         weight = constraint_weight(step, config.steps, config.lambda_start, config.lambda_end)
         first = step * config.batch_size + topology.rank * micro * accumulation
         batches = [
-            collate([dataset[order(first + m * micro + i)] for i in range(micro)], pad_token_id=pad,
-                    image_token_id=mm.image_token_id, video_token_id=mm.video_token_id)
+            collate_for_model([dataset[order(first + m * micro + i)] for i in range(micro)], mm)
             for m in range(accumulation)
         ]
         # The step's totals over every process: each micro-batch's sums are divided by them.
@@ -235,9 +233,7 @@ def train(
             with engine.accumulating(m < accumulation - 1):
                 with _autocast(device, autocast_dtype):
                     out = engine.forward(**batch, use_cache=False)
-                ce_sum = F.cross_entropy(
-                    out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-                )
+                ce_sum = next_token_cross_entropy(out.logits, labels, reduction="sum")
                 selection = out.get("visionselector")
                 zero = ce_sum.new_zeros(())
                 constraint_sum = zero
@@ -296,22 +292,3 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def _short(value: float) -> str:
     return f"{value:.3g}" if math.isfinite(value) else str(value)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, values):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="scorer", unit="step", dynamic_ncols=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["composite_loss", "mask_statistics"]
+__all__ = ["composite_loss", "next_token_cross_entropy", "mask_statistics"]
 
 
 def composite_loss(ce: torch.Tensor, constraint: torch.Tensor, weight: float) -> torch.Tensor:
@@ -17,6 +18,15 @@ def composite_loss(ce: torch.Tensor, constraint: torch.Tensor, weight: float) ->
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     return ce + weight * constraint.to(ce.dtype)
+
+
+def next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """``L_CE``: each position's logits ``[B, L, V]`` against the next position's label
+    (int64 ``[B, L]``, -100 where no loss applies), in float32; ``reduction`` ``"mean"`` or
+    ``"sum"`` over the labelled positions."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction=reduction
+    )
 
 
 @torch.no_grad()
