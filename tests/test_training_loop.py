@@ -108,9 +108,13 @@ def test_resume_continues_exactly(tmp_path):
     for name, value in scorer_state(straight).items():
         torch.testing.assert_close(scorer_state(resumed)[name], value, rtol=0, atol=0)
 
+    other = patched_model()
+    before = scorer_state(other)
     with pytest.raises(ValueError, match="another configuration"):
-        train(patched_model(), TASK, TrainConfig(steps=5, batch_size=4, lr=1e-2), str(interrupted),
+        train(other, TASK, TrainConfig(steps=5, batch_size=4, lr=1e-2), str(interrupted),
               resume=str(interrupted / "checkpoints" / "step-0000002"), progress=False)
+    for name, value in before.items():  # refused before anything was loaded
+        torch.testing.assert_close(scorer_state(other)[name], value, rtol=0, atol=0)
 
 
 def test_saved_scorer_has_the_published_keys_and_loads_through_the_integration(tmp_path):

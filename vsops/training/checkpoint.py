@@ -68,15 +68,20 @@ def save_training_state(directory: str, *, step: int, engine, scorer: nn.Module,
     return path
 
 
-def load_training_state(path: str, *, engine, scorer: nn.Module) -> dict:
+def load_training_state(path: str, *, engine, scorer: nn.Module, config: dict | None = None) -> dict:
     """Restores a :func:`save_training_state` checkpoint into ``engine`` and ``scorer`` (on
-    every process); returns the state (``step``, ``config``, ``history``)."""
+    every process); returns the state (``step``, ``config``, ``history``).
+
+    ``config``: the run's configuration; a checkpoint written with another one is refused
+    before anything is loaded."""
     state_file = os.path.join(path, "state.pt")
     if not os.path.isfile(state_file):
         raise ValueError(f"{path} is not a training checkpoint (no state.pt)")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    if config is not None and state["config"] != config:
+        raise ValueError(f"{path} was written with another configuration: {state['config']}")
     with engine.gathered():
         load_scorer(os.path.join(path, "scorer.safetensors"), scorer)
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
     engine.load_state_dict(state["engine"])
     return state
 

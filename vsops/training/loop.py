@@ -200,10 +200,8 @@ def train(
     if resume == "auto":
         resume = latest_checkpoint(checkpoints)
     if resume:
-        state = load_training_state(resume, engine=engine, scorer=scorer)
+        state = load_training_state(resume, engine=engine, scorer=scorer, config=dataclasses.asdict(config))
         start, history = state["step"], state["history"]
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{resume} was written with another configuration: {state['config']}")
     order = SampleOrder(dataset, config.seed)
     mm = model.config
     visual_ids = torch.tensor([mm.image_token_id, mm.video_token_id])
