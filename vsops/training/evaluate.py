@@ -25,6 +25,29 @@ def scorer_replaced(model: nn.Module, scorer: nn.Module | None):
         selector.scorer = saved
 
 
+@contextlib.contextmanager
+def _evaluating(model: nn.Module, budget: float):
+    """Eval mode (hard selection, unkept tokens dropped) at ``budget``; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.visionselector.using(budget=budget):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _per_method(model: nn.Module, budgets, baselines: dict[str, nn.Module] | None):
+    """Yields ``(method, budget)`` with the model selecting by that method: its own scorer
+    (``"visionselector"``) or each baseline, whose random state restarts at every budget."""
+    for name, scorer in {"visionselector": None, **(baselines or {})}.items():
+        for budget in budgets:
+            if hasattr(scorer, "reset"):
+                scorer.reset()
+            with scorer_replaced(model, scorer):
+                yield name, budget
+
+
 @torch.no_grad()
 def answer_metrics(
     model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budget: float, needles: list[int] | None = None,
@@ -44,27 +67,22 @@ def answer_metrics(
     """
     device = next(model.parameters()).device
     candidates = torch.tensor(answer_tokens, device=device)
-    was_training = model.training
-    model.eval()
     correct = kept = 0
-    try:
-        with model.visionselector.using(budget=budget):
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                batch = collate_for_model(chunk, model.config, prompt_only=True)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = model(**batch, use_cache=False)
-                logits = out.logits[:, -1, candidates]
-                target = torch.tensor([int(e.input_ids[e.prompt_length]) for e in chunk], device=device)
-                correct += int((candidates[logits.argmax(-1)] == target).sum())
-                if needles is not None:
-                    width = batch["input_ids"].shape[1]
-                    keep = out.visionselector.keep if out.get("visionselector") is not None else None
-                    for row, (e, needle) in enumerate(zip(chunk, needles[start : start + batch_size])):
-                        # prompts are padded on the left
-                        kept += 1 if keep is None else int(keep[row, width - e.prompt_length + needle])
-    finally:
-        model.train(was_training)
+    with _evaluating(model, budget):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate_for_model(chunk, model.config, prompt_only=True)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch, use_cache=False)
+            logits = out.logits[:, -1, candidates]
+            target = torch.tensor([int(e.input_ids[e.prompt_length]) for e in chunk], device=device)
+            correct += int((candidates[logits.argmax(-1)] == target).sum())
+            if needles is not None:
+                width = batch["input_ids"].shape[1]
+                keep = out.visionselector.keep if out.get("visionselector") is not None else None
+                for row, (e, needle) in enumerate(zip(chunk, needles[start : start + batch_size])):
+                    # prompts are padded on the left
+                    kept += 1 if keep is None else int(keep[row, width - e.prompt_length + needle])
     metrics = {"accuracy": correct / len(examples)}
     if needles is not None:
         metrics["needle_kept"] = kept / len(examples)
@@ -84,15 +102,10 @@ def answer_tables(
     """:func:`answer_metrics` at each budget with the model's scorer and with each baseline:
     ``{"accuracy": {"visionselector": {"0.1": ..., ...}, "<baseline>": {...}}, "needle_kept": ...}``."""
     tables: dict = {}
-    for name, scorer in {"visionselector": None, **(baselines or {})}.items():
-        for budget in budgets:
-            if hasattr(scorer, "reset"):
-                scorer.reset()  # every budget draws the same random scores
-            with scorer_replaced(model, scorer):
-                metrics = answer_metrics(model, examples, answer_tokens, budget=budget, needles=needles,
-                                         batch_size=batch_size)
-            for metric, value in metrics.items():
-                tables.setdefault(metric, {}).setdefault(name, {})[str(budget)] = value
+    for name, budget in _per_method(model, budgets, baselines):
+        metrics = answer_metrics(model, examples, answer_tokens, budget=budget, needles=needles, batch_size=batch_size)
+        for metric, value in metrics.items():
+            tables.setdefault(metric, {}).setdefault(name, {})[str(budget)] = value
     return tables
 
 
@@ -102,31 +115,21 @@ def pruned_loss(model: nn.Module, examples: list[Example], *, budget: float, bat
     ``budget`` of the visual tokens (eval mode: the labels of the kept tokens, see the
     integration), weighted by answer tokens."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        with model.visionselector.using(budget=budget):
-            for start in range(0, len(examples), batch_size):
-                batch = collate_for_model(examples[start : start + batch_size], model.config)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                total += float(model(**batch, use_cache=False).loss) * n
-                count += n
-    finally:
-        model.train(was_training)
+    with _evaluating(model, budget):
+        for start in range(0, len(examples), batch_size):
+            batch = collate_for_model(examples[start : start + batch_size], model.config)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch, use_cache=False).loss) * n
+            count += n
     return total / max(count, 1)
 
 
 def loss_table(model: nn.Module, examples: list[Example], *, budgets=(0.1, 0.2, 0.3, 1.0),
                baselines: dict[str, nn.Module] | None = None) -> dict[str, dict[str, float]]:
     """Like :func:`answer_tables`, with :func:`pruned_loss` (for data without a fixed answer set)."""
-    table = {}
-    for name, scorer in {"visionselector": None, **(baselines or {})}.items():
-        table[name] = {}
-        for budget in budgets:
-            if hasattr(scorer, "reset"):
-                scorer.reset()
-            with scorer_replaced(model, scorer):
-                table[name][str(budget)] = pruned_loss(model, examples, budget=budget)
+    table: dict = {}
+    for name, budget in _per_method(model, budgets, baselines):
+        table.setdefault(name, {})[str(budget)] = pruned_loss(model, examples, budget=budget)
     return table
