@@ -15,6 +15,7 @@ go through :meth:`VisionSelector.language_model_inputs` (see :mod:`.selector`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from vsops.integrations.selector import Selection, VisionSelector
 from vsops.scorer import LearnableImportanceScorer
 from vsops.varlen import select_and_pad
 
-__all__ = ["apply_visionselector_to_qwen2_5_vl", "revert_visionselector", "is_visionselector_applied"]
+__all__ = ["apply_visionselector_to_qwen2_5_vl", "revert_visionselector", "is_visionselector_applied", "mm_token_type_ids"]
 
 BUDGET_KEYWORD = "visionselector_budget"
 _class_patch: dict = {}
@@ -87,6 +88,20 @@ def apply_visionselector_to_qwen2_5_vl(
     raise TypeError(
         f"model must be a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, got {type(model).__name__}"
     )
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None = None):
+    """The ``mm_token_type_ids`` (int32 ``[B, L]``: 1 at image, 2 at video placeholders, 0
+    elsewhere) for ``input_ids`` where the installed transformers' Qwen2.5-VL takes them
+    (5.x); None where it does not (4.x)."""
+    inner_cls, _ = _classes()
+    if "mm_token_type_ids" not in inspect.signature(inner_cls.forward).parameters:
+        return None
+    kinds = torch.zeros_like(input_ids, dtype=torch.int32)
+    kinds[input_ids == image_token_id] = 1
+    if video_token_id is not None:
+        kinds[input_ids == video_token_id] = 2
+    return kinds
 
 
 def is_visionselector_applied(model: nn.Module | None = None) -> bool:

@@ -8,8 +8,6 @@ merge size (2) and ``t`` of the temporal patch size (2). Each image or video bec
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 __all__ = ["TOKENS", "tiny_qwen2_5_vl_config", "qwen2_5_vl_batch"]
@@ -99,7 +97,7 @@ def qwen2_5_vl_batch(prompts, *, seed: int = 0, padding_side: str = "left") -> d
     ``image_grid_thw`` and ``pixel_values_videos`` / ``video_grid_thw`` (float32 pixels,
     random), plus ``mm_token_type_ids`` where the installed transformers takes it.
     """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from vsops.integrations.qwen2_5_vl import mm_token_type_ids
 
     patch_dim = 3 * 2 * 4 * 4
     rows, images, videos, pixels, video_pixels = [], [], [], [], []
@@ -132,9 +130,7 @@ def qwen2_5_vl_batch(prompts, *, seed: int = 0, padding_side: str = "left") -> d
         batch.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(images))
     if videos:
         batch.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(videos))
-    if "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.forward).parameters:
-        kinds = torch.zeros_like(input_ids, dtype=torch.int32)
-        kinds[input_ids == TOKENS["image"]] = 1
-        kinds[input_ids == TOKENS["video"]] = 2
+    kinds = mm_token_type_ids(input_ids, TOKENS["image"], TOKENS["video"])
+    if kinds is not None:
         batch["mm_token_type_ids"] = kinds
     return batch

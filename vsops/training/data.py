@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 
@@ -69,12 +68,12 @@ def collate(
     if with_images:
         batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
         batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in with_images])
-    if image_token_id is not None and _takes_mm_token_type_ids():
-        kinds = torch.zeros_like(input_ids, dtype=torch.int32)
-        kinds[input_ids == image_token_id] = 1
-        if video_token_id is not None:
-            kinds[input_ids == video_token_id] = 2
-        batch["mm_token_type_ids"] = kinds
+    if image_token_id is not None:
+        from vsops.integrations.qwen2_5_vl import mm_token_type_ids
+
+        kinds = mm_token_type_ids(input_ids, image_token_id, video_token_id)
+        if kinds is not None:
+            batch["mm_token_type_ids"] = kinds
     return batch
 
 
@@ -83,9 +82,3 @@ def collate_for_model(examples: list[Example], config, *, prompt_only: bool = Fa
     pad = getattr(config, "pad_token_id", None)
     return collate(examples, pad_token_id=0 if pad is None else pad, image_token_id=config.image_token_id,
                    video_token_id=config.video_token_id, prompt_only=prompt_only)
-
-
-def _takes_mm_token_type_ids() -> bool:
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    return "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.forward).parameters
