@@ -113,6 +113,27 @@ def test_pack_kernels_match_reference(backend):
             assert torch.equal(out, reference.varlen_unpack(p, indices, n, fill))
 
 
+def test_pack_and_unpack_of_outputs_past_the_cache():
+    """Outputs of 16 MiB and more are written with streaming stores (csrc/cpu/stream_copy.h):
+    rows of 2,062 bytes start at every alignment, so the aligned body and the copied head and
+    tail of each row are all exercised."""
+    g = torch.Generator().manual_seed(5)
+    n = 40_000
+    keep = torch.rand(n, generator=g) < 0.35
+    total = int(keep.sum())
+    rows = [torch.randn(n, 1031, generator=g).half(), torch.randint(0, 1 << 40, (n, 3), generator=g)]
+    assert total * rows[0].shape[1] * 2 >= 16 << 20
+    for name in ops.pack.backends():
+        if name not in ("cpu", "reference"):
+            continue
+        indices, packed = ops.pack.op(name)(keep, total, rows)
+        assert torch.equal(indices, keep.nonzero().flatten())
+        for p, r in zip(packed, rows):
+            assert torch.equal(p, r[keep])
+        restored = ops.unpack.op(name)(packed[0], indices, n, -2.0)
+        assert torch.equal(restored[keep], rows[0][keep]) and (restored[~keep] == -2.0).all()
+
+
 def test_pack_ops_opcheck():
     keep = _keep_patterns(4, 9)["ragged"]
     rows = [torch.randn(36, 5, requires_grad=True), torch.randn(36, 2)]

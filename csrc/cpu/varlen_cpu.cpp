@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/kernels.h"
+#include "cpu/stream_copy.h"
 #include "op_common.h"
 
 namespace vsops {
@@ -50,6 +51,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& ke
     row_bytes.push_back(r.size(1) * r.element_size());
   }
   int64_t* idx = indices.mutable_data_ptr<int64_t>();
+  int64_t out_bytes = 0;
+  for (const int64_t rb : row_bytes) out_bytes += total * rb;
+  const bool streaming = out_bytes >= kStreamingOutputBytes;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t d = offset[b];
@@ -58,11 +62,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& ke
         if (!kept[i]) continue;
         idx[d] = i;
         for (size_t j = 0; j < src.size(); ++j) {
-          std::memcpy(dst[j] + d * row_bytes[j], src[j] + i * row_bytes[j], row_bytes[j]);
+          copy_row(dst[j] + d * row_bytes[j], src[j] + i * row_bytes[j], row_bytes[j], streaming);
         }
         ++d;
       }
     }
+    stream_fence();
   });
   return {indices, packed};
 }
@@ -87,10 +92,12 @@ at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, in
   const char* src = static_cast<const char*>(packed.const_data_ptr());
   const char* fill_bytes = static_cast<const char*>(fill_row.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
+  const bool streaming = rows * row_bytes >= kStreamingOutputBytes;
   at::parallel_for(0, rows, kPackBlock, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      std::memcpy(dst + i * row_bytes, source[i] >= 0 ? src + source[i] * row_bytes : fill_bytes, row_bytes);
+      copy_row(dst + i * row_bytes, source[i] >= 0 ? src + source[i] * row_bytes : fill_bytes, row_bytes, streaming);
     }
+    stream_fence();
   });
   return out;
 }
