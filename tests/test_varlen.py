@@ -297,3 +297,26 @@ def test_bad_input_raises(make, error, match):
     scores, visual, image = _selection_inputs("cpu")
     with pytest.raises(error, match=match):
         make(scores, visual, image)
+
+
+def test_benchmark_baselines_pack_what_vsops_packs():
+    """The PyTorch routes that `vsops bench --op varlen` times must compute the same packing,
+    or their timings compare different work."""
+    from vsops import bench_varlen
+
+    g = torch.Generator().manual_seed(11)
+    b, length = 3, 64
+    visual = torch.zeros(b, length, dtype=torch.bool)
+    visual[0, 5:50] = True
+    visual[2, 0:64] = True  # sample 1 is text only
+    inputs = (
+        torch.randn(b, length, generator=g),
+        visual,
+        torch.randn(b, length, 16, generator=g).bfloat16(),
+        torch.randint(0, 99, (3, b, length), generator=g),
+    )
+    ours = bench_varlen.vsops_fn(*inputs)()
+    for route in (bench_varlen.pytorch_pipeline_fn, bench_varlen.padded_route_fn):
+        embeds, positions, cu_seqlens, max_seqlen = route(*inputs)()
+        assert torch.equal(embeds, ours.tensors[0]) and torch.equal(positions, ours.tensors[1])
+        assert torch.equal(cu_seqlens, ours.cu_seqlens) and max_seqlen == ours.max_seqlen

@@ -8,6 +8,7 @@ bandwidth measured on the spot.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 from typing import Callable, TextIO
 
@@ -66,11 +67,50 @@ def seconds(fn: Callable[[], object], min_run_time: float = 0.3, warmup: bool = 
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def copy_bandwidth(device, nbytes: int = 1 << 27) -> float:
-    """Bytes per second moved by a plain device copy (read + write) of ``nbytes``."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+def copy_bandwidth(device, nbytes: int = 1 << 27, min_run_time: float = 0.3) -> float:
+    """Bytes per second moved by a plain device copy (read + write) of ``nbytes``.
+
+    The source is written first: an untouched CPU allocation maps every page to the kernel's
+    shared zero page, and copying from it reads one cached page instead of memory (measured:
+    1.7x the bandwidth of a written source).
+    """
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / seconds(lambda: dst.copy_(src))
+    return 2 * nbytes / seconds(lambda: dst.copy_(src), min_run_time)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedTiming:
+    """Rounds of (seconds per call of an op, copy bandwidth just before it), alternated.
+
+    This VM's memory bandwidth drifts by tens of percent within minutes, so a share of the
+    bandwidth bound is taken per round, against the copy measured next to it, and the median
+    over the rounds is reported.
+    """
+
+    rounds: tuple[tuple[float, float], ...]
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(t for t, _ in self.rounds)
+
+    @property
+    def bandwidth(self) -> float:
+        return statistics.median(bw for _, bw in self.rounds)
+
+    def share(self, nbytes: int) -> float:
+        """Median over the rounds of (nbytes / copy bandwidth) / seconds per call."""
+        return statistics.median(nbytes / bw / t for t, bw in self.rounds)
+
+
+def paired_timing(fn: Callable[[], object], device, rounds: int = 5, min_run_time: float = 0.1) -> PairedTiming:
+    """Times ``fn`` and a device copy alternately, ``rounds`` times each."""
+    fn()
+    pairs = []
+    for _ in range(rounds):
+        bandwidth = copy_bandwidth(device, min_run_time=min_run_time)
+        pairs.append((seconds(fn, min_run_time, warmup=False), bandwidth))
+    return PairedTiming(tuple(pairs))
 
 
 def forward_fn(scores, k, cu):

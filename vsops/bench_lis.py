@@ -3,7 +3,8 @@
 ``lis_score`` against (a) Eq. 2 as published (Q, K and the N x N matrix in PyTorch) and
 (b) the ``Q . mean(K)`` form in PyTorch (no N x N matrix, but Q and K still formed), at the
 Qwen2.5-VL-7B sizes D = 3584, d = 1792, and the share of the memory-bandwidth bound: the
-bytes the operator must move at least once over the copy bandwidth measured in the same run.
+bytes the operator must move at least once over the copy bandwidth measured in the same run
+(alternating with it, ``bench.PairedTiming``).
 The baselines, like the published code, take one image at a time.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from vsops import backends
-from vsops.bench import copy_bandwidth, seconds
+from vsops.bench import paired_timing, seconds
 from vsops.lis import lis_score
 
 HIDDEN, PROJ = 3584, 1792
@@ -138,42 +139,46 @@ class LisRow:
     backend: str
     ms: dict  # {(method, pass): milliseconds}, pass in PASSES
     bound_share: dict  # {pass: share of the bandwidth bound reached by vsops}
+    bandwidth: dict  # {pass: copy bandwidth (bytes/s) measured alternately with vsops}
 
     def speedup(self, method: str, which: str) -> float:
         return self.ms[(method, which)] / self.ms[("vsops", which)]
 
 
-def measure_case(case: LisCase, device, dtype=torch.float32, bandwidth=None, dense: bool = True) -> LisRow:
-    """Times vsops and the baselines on one case. ``dense=False`` skips baseline (a)."""
-    bandwidth = bandwidth or copy_bandwidth(device)
+def measure_case(case: LisCase, device, dtype=torch.float32, dense: bool = True) -> LisRow:
+    """Times vsops (alternating with a device copy, see ``bench.PairedTiming``) and the
+    baselines on one case. ``dense=False`` skips baseline (a)."""
     x, cu, weights = case.make(device, dtype)
-    ms = {}
-    for method in ("vsops", "factored") + (("dense",) if dense else ()):
+    nbytes = bound_bytes(x, weights)
+    ms, bound_share, bandwidth = {}, {}, {}
+    for which, fn in timed_fns("vsops", x, cu, weights).items():
+        paired = paired_timing(fn, device)
+        ms[("vsops", which)] = 1e3 * paired.seconds
+        bound_share[which] = paired.share(nbytes[which])
+        bandwidth[which] = paired.bandwidth
+    for method in ("factored",) + (("dense",) if dense else ()):
         # The dense baseline takes seconds per call at N = 16384: one timed call, no warm-up.
         slow = method == "dense" and max(case.lengths) >= 8192
         for which, fn in timed_fns(method, x, cu, weights).items():
             ms[(method, which)] = 1e3 * seconds(fn, 0.3, warmup=not slow)
-    nbytes = bound_bytes(x, weights)
     return LisRow(
         case=case.name,
         dtype=str(dtype).replace("torch.", ""),
         backend=backends.select(x.device, dtype),
         ms=ms,
-        bound_share={which: 1e3 * nbytes[which] / bandwidth / ms[("vsops", which)] for which in PASSES},
+        bound_share=bound_share,
+        bandwidth=bandwidth,
     )
 
 
-def print_table(rows: list[LisRow], bandwidth: float, device, file: TextIO = sys.stdout) -> None:
+def print_table(rows: list[LisRow], device, file: TextIO = sys.stdout) -> None:
+    print(f"LIS scoring, D={HIDDEN}, d={PROJ}, device {device}", file=file)
     print(
-        f"LIS scoring, D={HIDDEN}, d={PROJ}, device {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s",
+        "| case | dtype | backend | pass | vsops ms | copy GB/s | % of bw bound | (b) Q.mean(K) ms "
+        "| speedup vs (b) | (a) N x N ms | speedup vs (a) |",
         file=file,
     )
-    print(
-        "| case | dtype | backend | pass | vsops ms | % of bw bound | (b) Q.mean(K) ms | speedup vs (b) "
-        "| (a) N x N ms | speedup vs (a) |",
-        file=file,
-    )
-    print("|" + "---|" * 10, file=file)
+    print("|" + "---|" * 11, file=file)
     for r in rows:
         for which in PASSES:
             dense = (
@@ -183,8 +188,8 @@ def print_table(rows: list[LisRow], bandwidth: float, device, file: TextIO = sys
             )
             print(
                 f"| {r.case} | {r.dtype} | {r.backend} | {which} | {r.ms[('vsops', which)]:.2f} | "
-                f"{100 * r.bound_share[which]:.0f}% | {r.ms[('factored', which)]:.2f} | "
-                f"{r.speedup('factored', which):.1f}x | {dense} |",
+                f"{r.bandwidth[which] / 1e9:.1f} | {100 * r.bound_share[which]:.0f}% | "
+                f"{r.ms[('factored', which)]:.2f} | {r.speedup('factored', which):.1f}x | {dense} |",
                 file=file,
             )
 
@@ -192,7 +197,6 @@ def print_table(rows: list[LisRow], bandwidth: float, device, file: TextIO = sys
 def summary(device="cpu", dtype=torch.float32, dense: bool = True, file: TextIO = sys.stdout) -> list[LisRow]:
     """Measures every case and prints the table; returns the rows."""
     device = torch.device(device)
-    bandwidth = copy_bandwidth(device)
-    rows = [measure_case(case, device, dtype, bandwidth, dense) for case in CASES]
-    print_table(rows, bandwidth, device, file)
+    rows = [measure_case(case, device, dtype, dense) for case in CASES]
+    print_table(rows, device, file)
     return rows

@@ -6,7 +6,8 @@ visual tokens kept, embeddings and 3-D rope position ids packed.
 
 A second baseline, the route pruning code usually takes, first gathers each sample's kept
 tokens into a padded batch and then unpads it. Speed is reported as the ratios and as the pack's effective bandwidth, reading
-and writing the kept rows once, against the copy bandwidth measured in the same run.
+and writing the kept rows once, against the copy bandwidth measured in the same run
+(alternating with it, ``bench.PairedTiming``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from vsops import backends
-from vsops.bench import copy_bandwidth, seconds
+from vsops.bench import paired_timing, seconds
 from vsops.budget import budget_to_k
 from vsops.varlen import select_and_pack, select_visual_tokens
 
@@ -78,7 +79,7 @@ def pytorch_pipeline_fn(scores, visual, embeds, positions) -> Callable[[], objec
 
 def padded_route_fn(scores, visual, embeds, positions) -> Callable[[], object]:
     """The route token-pruning code usually takes: top-k, sort, gather the kept tokens of each
-    sample into a padded batch (``gather`` with an expanded index), then unpad_input on it."""
+    sample into a padded batch (``index_select`` of the flat positions), then unpad_input on it."""
     def run():
         n_visual = visual.sum(1)
         k = budget_to_k(n_visual, BUDGET)
@@ -91,8 +92,9 @@ def padded_route_fn(scores, visual, embeds, positions) -> Callable[[], object]:
         # Kept positions first, in order (a stable sort of the mask), padded to the widest sample.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
         mask = torch.arange(width, device=keep.device) < kept.unsqueeze(1)
-        hidden = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-        pos = positions.gather(2, order.unsqueeze(0).expand(3, -1, -1))
+        flat = (order + torch.arange(keep.shape[0], device=keep.device).unsqueeze(1) * keep.shape[1]).flatten()
+        hidden = embeds.reshape(-1, embeds.shape[-1]).index_select(0, flat).view(*order.shape, -1)
+        pos = positions.reshape(3, -1).index_select(1, flat).view(3, *order.shape)
         indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
         seqlens = mask.sum(-1, dtype=torch.int32)
         cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
@@ -119,52 +121,49 @@ class VarlenRow:
     pipeline_ms: float
     padded_route_ms: float
     gb_per_s: float
+    copy_gb_per_s: float
     copy_share: float
 
 
-def measure_case(case: VarlenCase, device, dtype=torch.bfloat16, bandwidth=None) -> VarlenRow:
-    bandwidth = bandwidth or copy_bandwidth(device)
+def measure_case(case: VarlenCase, device, dtype=torch.bfloat16) -> VarlenRow:
+    """Times vsops (alternating with a device copy, see ``bench.PairedTiming``) and both routes."""
     inputs = case.make(device, dtype)
-    ours = seconds(vsops_fn(*inputs))
+    ours = paired_timing(vsops_fn(*inputs), device)
     pipeline = seconds(pytorch_pipeline_fn(*inputs))
     padded_route = seconds(padded_route_fn(*inputs))
-    rate = moved_bytes(*inputs) / ours
+    nbytes = moved_bytes(*inputs)
     return VarlenRow(
         case=case.name,
         dtype=str(dtype).replace("torch.", ""),
         backend=backends.select(torch.device(device), torch.float32),
-        ms=1e3 * ours,
+        ms=1e3 * ours.seconds,
         pipeline_ms=1e3 * pipeline,
         padded_route_ms=1e3 * padded_route,
-        gb_per_s=rate / 1e9,
-        copy_share=rate / bandwidth,
+        gb_per_s=nbytes / ours.seconds / 1e9,
+        copy_gb_per_s=ours.bandwidth / 1e9,
+        copy_share=ours.share(nbytes),
     )
 
 
-def print_table(rows: list[VarlenRow], bandwidth: float, device, file: TextIO = sys.stdout) -> None:
-    print(
-        f"Select + pack, B={BATCH}, L={LENGTH}, budget {BUDGET}, device {device}, "
-        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s",
-        file=file,
-    )
+def print_table(rows: list[VarlenRow], device, file: TextIO = sys.stdout) -> None:
+    print(f"Select + pack, B={BATCH}, L={LENGTH}, budget {BUDGET}, device {device}", file=file)
     print(
         "| case | dtype | backend | vsops ms | mask + unpad_input ms | speedup | padded route ms | speedup "
-        "| vsops GB/s | % of copy bw |",
+        "| vsops GB/s | copy GB/s | % of copy bw |",
         file=file,
     )
-    print("|" + "---|" * 10, file=file)
+    print("|" + "---|" * 11, file=file)
     for r in rows:
         print(
             f"| {r.case} | {r.dtype} | {r.backend} | {r.ms:.2f} | {r.pipeline_ms:.2f} | "
             f"{r.pipeline_ms / r.ms:.1f}x | {r.padded_route_ms:.2f} | {r.padded_route_ms / r.ms:.1f}x | "
-            f"{r.gb_per_s:.1f} | {100 * r.copy_share:.0f}% |",
+            f"{r.gb_per_s:.1f} | {r.copy_gb_per_s:.1f} | {100 * r.copy_share:.0f}% |",
             file=file,
         )
 
 
 def summary(device="cpu", dtype=torch.bfloat16, file: TextIO = sys.stdout) -> list[VarlenRow]:
     device = torch.device(device)
-    bandwidth = copy_bandwidth(device)
-    rows = [measure_case(case, device, dtype, bandwidth) for case in CASES]
-    print_table(rows, bandwidth, device, file)
+    rows = [measure_case(case, device, dtype) for case in CASES]
+    print_table(rows, device, file)
     return rows
