@@ -153,6 +153,20 @@ inline LisShape check_lis_segment_dot(const at::Tensor& x, const at::Tensor& u, 
   return shape;
 }
 
+// lis_weight_product's operands: weight [d, D]; vectors [S, D] (transpose) or [S, d], in the
+// weight's accumulation dtype.
+inline void check_lis_weight_product(const at::Tensor& vectors, const at::Tensor& weight, bool transpose) {
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()),
+                   "vsops: weight must be float16, bfloat16, float32 or float64, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous(),
+                    "vsops: weight must be a contiguous [d, D] tensor, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(vectors.dim() == 2, "vsops: vectors must be 2-D [S, ", transpose ? "D" : "d",
+                    "], got shape ", vectors.sizes());
+  const int64_t width = transpose ? weight.size(1) : weight.size(0);
+  check_lis_operand(vectors, "vectors", {vectors.size(0), width}, state_dtype_for(weight.scalar_type()),
+                    weight.device());
+}
+
 // lis_input_grad's operands: grad per token, u and w per segment, output dtype.
 inline LisShape check_lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
                                      const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype) {

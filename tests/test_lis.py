@@ -226,6 +226,48 @@ def test_kernel_passes_match_reference(backend, dtype, layout):
     torch.testing.assert_close(out, reference.lis_input_grad(weight, u, w, cu, dtype), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_vectors", [2, 3, 5, 9])
+def test_weight_product_matches_reference(dtype, num_vectors):
+    """The CPU GEMVs of several segments: register tiles of 4 rows x 4 vectors with every
+    remainder (21 rows, 2-9 vectors), column chunks and blocks with a ragged end (1,030
+    columns), and the same bits on 1 and 2 threads."""
+    if "cpu" not in ops.weight_product.backends():
+        pytest.skip("vsops._C not built")
+    acc = reference.state_dtype_for(dtype)
+    g = torch.Generator().manual_seed(num_vectors)
+    weight = torch.randn(21, 1030, generator=g).to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    threads = torch.get_num_threads()
+    for transpose, width in ((True, 1030), (False, 21)):
+        vectors = torch.randn(num_vectors, width, generator=g).to(acc)
+        expected = reference.lis_weight_product(vectors, weight, transpose)
+        out = ops.weight_product.op("cpu")(vectors, weight, transpose)
+        assert out.dtype == acc and out.shape == expected.shape
+        torch.testing.assert_close(out, expected, **tol)
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(ops.weight_product.op("cpu")(vectors, weight, transpose), out)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_weight_product_opcheck_and_errors():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 11, generator=g)
+    for name in ops.weight_product.backends():
+        for vectors, transpose in ((torch.randn(3, 11, generator=g), True), (torch.randn(3, 6, generator=g), False)):
+            torch.library.opcheck(ops.weight_product.op(name), (vectors, weight, transpose))
+    if "cpu" not in ops.weight_product.backends():
+        return
+    with pytest.raises(ValueError, match="vectors must have shape"):
+        torch.ops.vsops.lis_weight_product(torch.randn(3, 6), weight, True)
+    with pytest.raises(TypeError, match="vectors must be Float"):
+        torch.ops.vsops.lis_weight_product(torch.randn(3, 11, dtype=torch.float64), weight, True)
+    with pytest.raises(ValueError, match="weight must be a contiguous"):
+        torch.ops.vsops.lis_weight_product(torch.randn(3, 6), weight.T, True)
+
+
 def test_kernel_passes_registered():
     for operator in (ops.segment_sum, ops.segment_dot, ops.input_grad):
         for op_name in operator.op_names():

@@ -102,15 +102,19 @@ def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool, 
     passes, with the weight as a segment of ``d`` tokens: ``W v`` is a segment dot and
     ``v^T W`` a weighted segment sum. They read the weight once at the speed of x, where a
     library GEMV reaches about two thirds of it on CPU, and accumulate in float32 whatever the
-    weight's dtype. Several vectors use the library GEMM; low-precision weights are then used
-    as they are (a float32 copy would cost more traffic than the scoring passes) and the
-    vectors are scaled into range before their cast, so float16 cannot overflow.
+    weight's dtype. Several vectors on CPU go through ``lis_weight_product``, which also reads
+    the weight once (a library GEMM with a few vectors reaches a third of the bandwidth).
+    Elsewhere they use the library GEMM; low-precision weights are then used as they are (a
+    float32 copy would cost more traffic than the scoring passes) and the vectors are scaled
+    into range before their cast, so float16 cannot overflow.
     """
     if vectors.shape[0] == 1:
         rows = weight.unsqueeze(0)
         if transpose:
             return _ops.segment_dot(rows, vectors, vectors.new_zeros(1), None, backend=backend)
         return _ops.segment_sum(rows, vectors, None, backend=backend)
+    if backend == "cpu":
+        return _ops.weight_product(vectors, weight, transpose, backend=backend)
     acc = vectors.dtype
     if weight.dtype == acc:
         return F.linear(vectors, weight) if transpose else vectors @ weight

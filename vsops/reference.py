@@ -251,6 +251,14 @@ def lis_segment_dot(x: torch.Tensor, u: torch.Tensor, c: torch.Tensor, cu_seqlen
     return out.to(state_dtype_for(x.dtype)).reshape(x.shape[:-1])
 
 
+def lis_weight_product(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool):
+    """``vectors @ weight.T`` (``transpose``: ``[S, D]`` -> ``[S, d]``) or ``vectors @ weight``
+    (``[S, d]`` -> ``[S, D]``) for a ``[d, D]`` weight, in the vectors' dtype."""
+    w = weight.double()
+    out = vectors.double() @ (w.T if transpose else w)
+    return out.to(vectors.dtype)
+
+
 def lis_input_grad(
     grad: torch.Tensor, u: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor | None, dtype: torch.dtype
 ):

@@ -8,6 +8,12 @@
 * ``torch.ops.vsops.lis_input_grad(grad, u, w, cu_seqlens, dtype) -> [..., D]``:
   ``grad_i u_s + w_s`` per token, in ``dtype``.
 
+* ``torch.ops.vsops.lis_weight_product(vectors, weight, transpose) -> [S, d] | [S, D]``:
+  ``vectors @ weight.T`` (``transpose``, vectors ``[S, D]``) or ``vectors @ weight`` (vectors
+  ``[S, d]``) for the ``[d, D]`` projection weights, summed in the accumulation dtype; the
+  GEMVs between the passes when a batch has several segments. Compiled for CPU only (and
+  ``*_reference``): on GPU the library GEMM serves them.
+
 ``x`` is padded ``[B, N, D]`` (segment b = row b) or packed ``[total, D]`` with int32
 ``cu_seqlens [S + 1]``; fp16, bf16, fp32 or fp64, contiguous. Per-token tensors are
 ``[B, N]`` / ``[total]`` and per-segment ones ``[S, D]`` / ``[S]``, all contiguous and in the
@@ -43,6 +49,10 @@ def _segment_dot_fake(x, u, c, cu_seqlens):
     return x.new_empty(x.shape[:-1], dtype=u.dtype)
 
 
+def _weight_product_fake(vectors, weight, transpose):
+    return vectors.new_empty((vectors.shape[0], weight.shape[0] if transpose else weight.shape[1]))
+
+
 def _input_grad_fake(grad, u, w, cu_seqlens, dtype):
     return grad.new_empty((*grad.shape, u.shape[-1]), dtype=dtype)
 
@@ -65,6 +75,13 @@ segment_dot = Operator(
         "reference": reference.lis_segment_dot,
         "triton": lambda *a: _triton_lis().lis_segment_dot(*a),
     },
+)
+
+weight_product = Operator(
+    "lis_weight_product",
+    "(Tensor vectors, Tensor weight, bool transpose) -> Tensor",
+    _weight_product_fake,
+    {"reference": reference.lis_weight_product},
 )
 
 input_grad = Operator(
