@@ -25,8 +25,6 @@ them are shared by every backend (``vsops.lis``). These ops have no autograd of 
 """
 from __future__ import annotations
 
-import torch
-
 from vsops import reference
 from vsops.ops.registry import Operator
 
