@@ -316,7 +316,7 @@ def test_benchmark_baselines_pack_what_vsops_packs():
         torch.randint(0, 99, (3, b, length), generator=g),
     )
     ours = bench_varlen.vsops_fn(*inputs)()
-    for route in (bench_varlen.pytorch_pipeline_fn, bench_varlen.padded_route_fn):
+    for route in bench_varlen.ROUTES.values():
         embeds, positions, cu_seqlens, max_seqlen = route(*inputs)()
         assert torch.equal(embeds, ours.tensors[0]) and torch.equal(positions, ours.tensors[1])
         assert torch.equal(cu_seqlens, ours.cu_seqlens) and max_seqlen == ours.max_seqlen
