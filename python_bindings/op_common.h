@@ -167,6 +167,17 @@ inline void check_lis_weight_product(const at::Tensor& vectors, const at::Tensor
                     weight.device());
 }
 
+// lis_weight_grad's operands: left [S, d] and right [S, D] in the accumulation dtype of the
+// output dtype.
+inline void check_lis_weight_grad(const at::Tensor& left, const at::Tensor& right, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "vsops: dtype must be a floating-point type, got ", dtype);
+  TORCH_CHECK_VALUE(left.dim() == 2 && right.dim() == 2, "vsops: left and right must be 2-D [S, d] and [S, D], got ",
+                    left.sizes(), " and ", right.sizes());
+  const at::ScalarType acc = state_dtype_for(dtype);
+  check_lis_operand(left, "left", left.sizes(), acc, right.device());
+  check_lis_operand(right, "right", {left.size(0), right.size(1)}, acc, right.device());
+}
+
 // lis_input_grad's operands: grad per token, u and w per segment, output dtype.
 inline LisShape check_lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
                                      const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype) {

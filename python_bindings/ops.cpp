@@ -14,6 +14,7 @@ TORCH_LIBRARY(vsops, m) {
   m.def("lis_segment_sum(Tensor x, Tensor? token_weight, Tensor? cu_seqlens) -> Tensor");
   m.def("lis_segment_dot(Tensor x, Tensor u, Tensor c, Tensor? cu_seqlens) -> Tensor");
   m.def("lis_weight_product(Tensor vectors, Tensor weight, bool transpose) -> Tensor");
+  m.def("lis_weight_grad(Tensor left, Tensor right, ScalarType dtype) -> Tensor");
   m.def("lis_input_grad(Tensor grad, Tensor u, Tensor w, Tensor? cu_seqlens, ScalarType dtype) -> Tensor");
   m.def("varlen_pack(Tensor keep, SymInt total, Tensor[] rows) -> (Tensor, Tensor[])");
   m.def("varlen_unpack(Tensor packed, Tensor indices, SymInt rows, Scalar fill) -> Tensor");
@@ -26,6 +27,7 @@ TORCH_LIBRARY_IMPL(vsops, CPU, m) {
   m.impl("lis_segment_sum", &vsops::cpu::lis_segment_sum);
   m.impl("lis_segment_dot", &vsops::cpu::lis_segment_dot);
   m.impl("lis_weight_product", &vsops::cpu::lis_weight_product);
+  m.impl("lis_weight_grad", &vsops::cpu::lis_weight_grad);
   m.impl("lis_input_grad", &vsops::cpu::lis_input_grad);
   m.impl("varlen_pack", &vsops::cpu::varlen_pack);
   m.impl("varlen_unpack", &vsops::cpu::varlen_unpack);

@@ -252,14 +252,45 @@ def test_weight_product_matches_reference(dtype, num_vectors):
             torch.set_num_threads(threads)
 
 
-def test_weight_product_opcheck_and_errors():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_vectors", [1, 3, 8])
+@pytest.mark.parametrize("size", [(21, 1030), (2048, 2052)])
+def test_weight_grad_matches_reference(dtype, num_vectors, size):
+    """The weight gradients on CPU: tiles of 4 rows and their remainder (21 rows), column
+    chunks with a ragged end, and outputs past 16 MiB (2048 x 2052 in float32 and float64),
+    written with streaming stores; float32 rows start at every 16-byte offset of a line."""
+    if "cpu" not in ops.weight_grad.backends():
+        pytest.skip("vsops._C not built")
+    acc = reference.state_dtype_for(dtype)
+    g = torch.Generator().manual_seed(num_vectors)
+    left = torch.randn(num_vectors, size[0], generator=g).to(acc)
+    right = torch.randn(num_vectors, size[1], generator=g).to(acc)
+    out = ops.weight_grad.op("cpu")(left, right, dtype)
+    assert out.dtype == dtype and out.shape == size
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    if dtype in (torch.float16, torch.bfloat16):
+        tol = dict(rtol=0, atol=0)  # rounded once from the float32 sums, as the reference
+        expected = (left.T @ right).to(dtype)
+    else:
+        expected = reference.lis_weight_grad(left, right, dtype)
+    torch.testing.assert_close(out, expected, **tol)
+
+
+def test_weight_product_and_grad_opcheck_and_errors():
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 11, generator=g)
     for name in ops.weight_product.backends():
         for vectors, transpose in ((torch.randn(3, 11, generator=g), True), (torch.randn(3, 6, generator=g), False)):
             torch.library.opcheck(ops.weight_product.op(name), (vectors, weight, transpose))
+        for dtype in (torch.float32, torch.bfloat16):
+            left, right = torch.randn(3, 6, generator=g), torch.randn(3, 11, generator=g)
+            torch.library.opcheck(ops.weight_grad.op(name), (left, right, dtype))
     if "cpu" not in ops.weight_product.backends():
         return
+    with pytest.raises(ValueError, match="right must have shape"):
+        torch.ops.vsops.lis_weight_grad(torch.randn(3, 6), torch.randn(2, 11), torch.float32)
+    with pytest.raises(TypeError, match="left must be Double"):
+        torch.ops.vsops.lis_weight_grad(torch.randn(3, 6), torch.randn(3, 11).double(), torch.float64)
     with pytest.raises(ValueError, match="vectors must have shape"):
         torch.ops.vsops.lis_weight_product(torch.randn(3, 6), weight, True)
     with pytest.raises(TypeError, match="vectors must be Float"):

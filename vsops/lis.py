@@ -124,6 +124,18 @@ def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool, 
     return out.to(acc) * scale
 
 
+def _outer_sum(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``left^T @ right`` (``[S, d]``, ``[S, D]`` -> ``[d, D]``) in ``dtype``: a weight gradient.
+
+    On CPU ``lis_weight_grad`` writes it once, in the weight's dtype (a library GEMM with so
+    few vectors writes at a third of the bandwidth, then a cast reads and writes it again);
+    elsewhere the library GEMM.
+    """
+    if backend == "cpu":
+        return _ops.weight_grad(left, right, dtype, backend=backend)
+    return (left.T @ right).to(dtype)
+
+
 def _segment_totals(values: torch.Tensor, x: torch.Tensor, cu_seqlens, num_segments: int) -> torch.Tensor:
     if cu_seqlens is None:
         return values.sum(1)
@@ -186,11 +198,11 @@ class _LisScore(torch.autograd.Function):
             r = r + grad_c.unsqueeze(1) * q_bias.to(r.dtype)
         grad_x = grad_qw = grad_qb = grad_kw = grad_kb = None
         if needs_qw:
-            grad_qw = (k_mean.T @ grad_u).to(q_weight.dtype)
+            grad_qw = _outer_sum(k_mean, grad_u, q_weight.dtype, ctx.backend)
         if needs_qb:
             grad_qb = (grad_c @ k_mean).to(q_weight.dtype)
         if needs_kw:
-            grad_kw = (r.T @ mean).to(k_weight.dtype)
+            grad_kw = _outer_sum(r, mean, k_weight.dtype, ctx.backend)
         if needs_kb and ctx.has_k_bias:
             grad_kb = r.sum(0).to(k_weight.dtype)
         if needs_x:

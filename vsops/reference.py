@@ -259,6 +259,11 @@ def lis_weight_product(vectors: torch.Tensor, weight: torch.Tensor, transpose: b
     return out.to(vectors.dtype)
 
 
+def lis_weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype):
+    """``left^T @ right`` (``[S, d]``, ``[S, D]`` -> ``[d, D]``) in ``dtype``: a weight gradient."""
+    return (left.double().T @ right.double()).to(dtype)
+
+
 def lis_input_grad(
     grad: torch.Tensor, u: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor | None, dtype: torch.dtype
 ):

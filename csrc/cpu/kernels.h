@@ -28,6 +28,8 @@ at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::T
 
 at::Tensor lis_weight_product(const at::Tensor& vectors, const at::Tensor& weight, bool transpose);
 
+at::Tensor lis_weight_grad(const at::Tensor& left, const at::Tensor& right, at::ScalarType dtype);
+
 at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
                           const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype);
 

@@ -34,7 +34,7 @@ inline void stream_lane(char* dst, const char* src) {
 // when `streaming`. Callers must call stream_fence() before other threads read dst.
 inline void copy_row(char* dst, const char* src, int64_t bytes, bool streaming) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if (streaming && bytes >= 2 * kStreamLane) {
+  if (streaming && bytes >= kStreamLane) {  // then head < bytes
     const int64_t head = static_cast<int64_t>((-reinterpret_cast<std::uintptr_t>(dst)) & (kStreamLane - 1));
     const int64_t body = (bytes - head) & ~(kStreamLane - 1);
     std::memcpy(dst, src, head);

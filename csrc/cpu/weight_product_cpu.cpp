@@ -1,5 +1,7 @@
-// CPU kernel of lis_weight_product (vsops/ops/lis.py): a few vectors times a projection
-// weight, the GEMVs of LIS scoring when a batch has several segments. A library GEMM with
+// CPU kernels of lis_weight_product and lis_weight_grad (vsops/ops/lis.py): a few vectors
+// times a projection weight, the GEMVs of LIS scoring when a batch has several segments, and
+// the weight gradients (sums of a few outer products), which MKL writes at a third of the
+// bandwidth. A library GEMM with
 // 8 vectors reads the weight at a third of the memory bandwidth here; these loops stream it
 // once, a few rows at a time, and accumulate in float32 whatever the weight's dtype.
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/kernels.h"
+#include "cpu/stream_copy.h"
 #include "cpu/vec_io.h"
 #include "op_common.h"
 
@@ -190,6 +193,63 @@ void weight_rows_sum(const T* weight, const Acc<T>* vectors, int64_t num_vectors
   });
 }
 
+// Rows j..j+R of out, columns [e0, e1), into staged[r * kDotColumns + (e - e0)]: R rows share
+// each load of `right`, and their R independent sums hide the latency of the fused
+// multiply-adds over the vectors.
+template <typename T, int R>
+void outer_sum_tile(const Acc<T>* left, const Acc<T>* right, int64_t num_vectors, int64_t rows, int64_t dim,
+                    int64_t j, int64_t e0, int64_t e1, T* staged) {
+  using IO = VecIO<T>;
+  using AccVec = typename IO::AccVec;
+  for (int64_t e = e0; e < e1; e += IO::kStep) {
+    const int64_t count = std::min(IO::kStep, e1 - e);
+    AccVec sum[R][IO::kParts];
+    for (auto& row : sum) {
+      for (auto& part : row) part = AccVec(Acc<T>(0));
+    }
+    for (int64_t s = 0; s < num_vectors; ++s) {
+      AccVec rv[IO::kParts];
+      IO::load_acc(right + s * dim + e, count, rv);
+      for (int r = 0; r < R; ++r) {
+        const AccVec coefficient(left[s * rows + j + r]);
+        for (int q = 0; q < IO::kParts; ++q) sum[r][q] = at::vec::fmadd(coefficient, rv[q], sum[r][q]);
+      }
+    }
+    for (int r = 0; r < R; ++r) IO::store(staged + r * kDotColumns + (e - e0), count, sum[r]);
+  }
+}
+
+// out[j, :] = sum_s left[s, j] right[s, :] in the output dtype (left [S, d], right [S, D],
+// out [d, D]): the weight gradients, written once. Column chunks keep the vectors' slice in
+// L1; each tile of rows is staged in the output dtype and, for outputs past the cache, written
+// with streaming stores.
+template <typename T>
+void outer_sum(const Acc<T>* left, const Acc<T>* right, int64_t num_vectors, int64_t rows, int64_t dim,
+               T* out) {
+  const bool streaming = rows * dim * static_cast<int64_t>(sizeof(T)) >= kStreamingOutputBytes;
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t j0, int64_t j1) {
+    T staged[kTileRows * kDotColumns];
+    const auto write = [&](int64_t j, int r, int64_t e0, int64_t e1) {
+      copy_row(reinterpret_cast<char*>(out + (j + r) * dim + e0),
+               reinterpret_cast<const char*>(staged + r * kDotColumns), (e1 - e0) * row_bytes, streaming);
+    };
+    for (int64_t e0 = 0; e0 < dim; e0 += kDotColumns) {
+      const int64_t e1 = std::min(dim, e0 + kDotColumns);
+      int64_t j = j0;
+      for (; j + kTileRows <= j1; j += kTileRows) {
+        outer_sum_tile<T, kTileRows>(left, right, num_vectors, rows, dim, j, e0, e1, staged);
+        for (int r = 0; r < kTileRows; ++r) write(j, r, e0, e1);
+      }
+      for (; j < j1; ++j) {
+        outer_sum_tile<T, 1>(left, right, num_vectors, rows, dim, j, e0, e1, staged);
+        write(j, 0, e0, e1);
+      }
+    }
+    stream_fence();
+  });
+}
+
 }  // namespace
 
 at::Tensor lis_weight_product(const at::Tensor& vectors, const at::Tensor& weight, bool transpose) {
@@ -201,6 +261,17 @@ at::Tensor lis_weight_product(const at::Tensor& vectors, const at::Tensor& weigh
     const auto kernel = transpose ? weight_rows_dot<scalar_t> : weight_rows_sum<scalar_t>;
     kernel(weight.const_data_ptr<scalar_t>(), vectors.const_data_ptr<A>(), vectors.size(0), rows, dim,
            out.mutable_data_ptr<A>());
+  });
+  return out;
+}
+
+at::Tensor lis_weight_grad(const at::Tensor& left, const at::Tensor& right, at::ScalarType dtype) {
+  check_lis_weight_grad(left, right, dtype);
+  at::Tensor out = at::empty({left.size(1), right.size(1)}, right.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vsops_lis_weight_grad", [&] {
+    using A = Acc<scalar_t>;
+    outer_sum(left.const_data_ptr<A>(), right.const_data_ptr<A>(), left.size(0), left.size(1), right.size(1),
+              out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

@@ -14,6 +14,11 @@
   GEMVs between the passes when a batch has several segments. Compiled for CPU only (and
   ``*_reference``): on GPU the library GEMM serves them.
 
+* ``torch.ops.vsops.lis_weight_grad(left, right, dtype) -> [d, D]``: ``left^T @ right`` for
+  ``left [S, d]`` and ``right [S, D]`` in the accumulation dtype, written in ``dtype``: the
+  weight gradients, each a sum of S outer products. Compiled for CPU only (and
+  ``*_reference``), like ``lis_weight_product``.
+
 ``x`` is padded ``[B, N, D]`` (segment b = row b) or packed ``[total, D]`` with int32
 ``cu_seqlens [S + 1]``; fp16, bf16, fp32 or fp64, contiguous. Per-token tensors are
 ``[B, N]`` / ``[total]`` and per-segment ones ``[S, D]`` / ``[S]``, all contiguous and in the
@@ -51,6 +56,10 @@ def _weight_product_fake(vectors, weight, transpose):
     return vectors.new_empty((vectors.shape[0], weight.shape[0] if transpose else weight.shape[1]))
 
 
+def _weight_grad_fake(left, right, dtype):
+    return right.new_empty((left.shape[1], right.shape[1]), dtype=dtype)
+
+
 def _input_grad_fake(grad, u, w, cu_seqlens, dtype):
     return grad.new_empty((*grad.shape, u.shape[-1]), dtype=dtype)
 
@@ -80,6 +89,13 @@ weight_product = Operator(
     "(Tensor vectors, Tensor weight, bool transpose) -> Tensor",
     _weight_product_fake,
     {"reference": reference.lis_weight_product},
+)
+
+weight_grad = Operator(
+    "lis_weight_grad",
+    "(Tensor left, Tensor right, ScalarType dtype) -> Tensor",
+    _weight_grad_fake,
+    {"reference": reference.lis_weight_grad},
 )
 
 input_grad = Operator(
