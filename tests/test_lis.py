@@ -299,6 +299,20 @@ def test_weight_product_and_grad_opcheck_and_errors():
         torch.ops.vsops.lis_weight_product(torch.randn(3, 6), weight.T, True)
 
 
+def test_input_grad_past_the_cache():
+    """dx of 16 MiB and more is written with streaming stores: 4,100 rows of 1,030 float32
+    (4,120 bytes, so rows start at every 8-byte offset of a line) in two segments."""
+    if "cpu" not in ops.input_grad.backends():
+        pytest.skip("vsops._C not built")
+    g = torch.Generator().manual_seed(9)
+    cu = torch.tensor([0, 1500, 4100], dtype=torch.int32)
+    grad = torch.randn(4100, generator=g)
+    u, w = torch.randn(2, 1030, generator=g), torch.randn(2, 1030, generator=g)
+    out = ops.input_grad.op("cpu")(grad, u, w, cu, torch.float32)
+    assert out.numel() * 4 >= 16 << 20
+    torch.testing.assert_close(out, reference.lis_input_grad(grad, u, w, cu, torch.float32), rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_passes_registered():
     for operator in (ops.segment_sum, ops.segment_dot, ops.input_grad):
         for op_name in operator.op_names():

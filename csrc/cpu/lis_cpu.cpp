@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/kernels.h"
+#include "cpu/stream_copy.h"
 #include "cpu/vec_io.h"
 #include "op_common.h"
 
@@ -156,12 +157,17 @@ void dot_tokens(const T* x, const Acc<T>* u, const Acc<T>* c, const ChunkPlan& p
   });
 }
 
+// dx rows, each staged in L1 and then written whole: with streaming stores when dx is past
+// the cache, so its lines are not read before being overwritten.
 template <typename T>
 void input_grad_tokens(const Acc<T>* grad, const Acc<T>* u, const Acc<T>* w, const ChunkPlan& plan,
-                       int64_t dim, T* out) {
+                       int64_t num_tokens, int64_t dim, T* out) {
   using IO = VecIO<T>;
   using AccVec = typename IO::AccVec;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+  const bool streaming = num_tokens * row_bytes >= kStreamingOutputBytes;
   at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> staged(dim);
     for (int64_t ci = c0; ci < c1; ++ci) {
       const Chunk& chunk = plan.chunks[ci];
       const Acc<T>* us = u + chunk.segment * dim;
@@ -174,10 +180,13 @@ void input_grad_tokens(const Acc<T>* grad, const Acc<T>* u, const Acc<T>* w, con
           IO::load_acc(us + e, count, uv);
           IO::load_acc(ws + e, count, wv);
           for (int q = 0; q < IO::kParts; ++q) uv[q] = at::vec::fmadd(g, uv[q], wv[q]);
-          IO::store(out + i * dim + e, count, uv);
+          IO::store(staged.data() + e, count, uv);
         }
+        copy_row(reinterpret_cast<char*>(out + i * dim), reinterpret_cast<const char*>(staged.data()), row_bytes,
+                 streaming);
       }
     }
+    stream_fence();
   });
 }
 
@@ -227,8 +236,8 @@ at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at:
   at::Tensor out = at::empty(sizes, grad.options().dtype(dtype));
   VSOPS_DISPATCH_LIS(dtype, [&] {
     using A = Acc<scalar_t>;
-    input_grad_tokens(grad.const_data_ptr<A>(), u.const_data_ptr<A>(), w.const_data_ptr<A>(), plan, shape.dim,
-                      out.mutable_data_ptr<scalar_t>());
+    input_grad_tokens(grad.const_data_ptr<A>(), u.const_data_ptr<A>(), w.const_data_ptr<A>(), plan,
+                      shape.num_tokens, shape.dim, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
