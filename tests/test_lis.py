@@ -52,6 +52,8 @@ LAYOUTS = {
     "padded": lambda dtype, device: (_padded(3, 17, dtype, device), None),
     "ragged": lambda dtype, device: _packed([5, 1, 33, 2, 12], dtype, device),
     "size1": lambda dtype, device: _packed([1, 1, 1], dtype, device),
+    # More segments than the CPU weight-side kernels take (16): the library GEMM then serves them.
+    "many": lambda dtype, device: _packed([1 + (7 * i) % 13 for i in range(20)], dtype, device),
     # One segment: the GEMVs with the weights then run through the backend's own passes.
     "single": lambda dtype, device: (_padded(1, 29, dtype, device), None),
 }

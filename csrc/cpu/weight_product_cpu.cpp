@@ -1,9 +1,9 @@
 // CPU kernels of lis_weight_product and lis_weight_grad (vsops/ops/lis.py): a few vectors
-// times a projection weight, the GEMVs of LIS scoring when a batch has several segments, and
-// the weight gradients (sums of a few outer products), which MKL writes at a third of the
-// bandwidth. A library GEMM with
-// 8 vectors reads the weight at a third of the memory bandwidth here; these loops stream it
-// once, a few rows at a time, and accumulate in float32 whatever the weight's dtype.
+// times a projection weight (the GEMVs of LIS scoring when a batch has several segments) and
+// the weight gradients (sums of a few outer products). A library GEMM with 2-16 vectors
+// moves the weight at about a third of the memory bandwidth here; these loops stream it once,
+// a few rows at a time, and accumulate in float32 whatever the weight's dtype. Past 16
+// vectors the products are compute-bound and vsops/lis.py hands them to the library GEMM.
 #include <algorithm>
 #include <vector>
 
