@@ -67,16 +67,18 @@ def seconds(fn: Callable[[], object], min_run_time: float = 0.3, warmup: bool = 
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def copy_bandwidth(device, nbytes: int = 1 << 27, min_run_time: float = 0.3) -> float:
-    """Bytes per second moved by a plain device copy (read + write) of ``nbytes``.
-
-    The source is written first: an untouched CPU allocation maps every page to the kernel's
-    shared zero page, and copying from it reads one cached page instead of memory (measured:
-    1.7x the bandwidth of a written source).
-    """
+def _copy_fn(device, nbytes: int) -> Callable[[], object]:
+    """A device copy of ``nbytes``. The source is written first: an untouched CPU allocation
+    maps every page to the kernel's shared zero page, and copying from it reads one cached page
+    instead of memory (measured: 1.7x the bandwidth of a written source)."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / seconds(lambda: dst.copy_(src), min_run_time)
+    return lambda: dst.copy_(src)
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 27) -> float:
+    """Bytes per second moved by a plain device copy (read + write) of ``nbytes``."""
+    return 2 * nbytes / seconds(_copy_fn(device, nbytes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +105,15 @@ class PairedTiming:
         return statistics.median(nbytes / bw / t for t, bw in self.rounds)
 
 
-def paired_timing(fn: Callable[[], object], device, rounds: int = 5, min_run_time: float = 0.1) -> PairedTiming:
-    """Times ``fn`` and a device copy alternately, ``rounds`` times each."""
+def paired_timing(
+    fn: Callable[[], object], device, rounds: int = 5, min_run_time: float = 0.1, nbytes: int = 1 << 27
+) -> PairedTiming:
+    """Times ``fn`` and a device copy of ``nbytes`` alternately, ``rounds`` times each."""
+    copy = _copy_fn(device, nbytes)
     fn()
     pairs = []
     for _ in range(rounds):
-        bandwidth = copy_bandwidth(device, min_run_time=min_run_time)
+        bandwidth = 2 * nbytes / seconds(copy, min_run_time)
         pairs.append((seconds(fn, min_run_time, warmup=False), bandwidth))
     return PairedTiming(tuple(pairs))
 

@@ -70,15 +70,21 @@ def _keep_mask(scores, visual):
     return torch.zeros_like(visual).scatter_(1, top, chosen) | ~visual
 
 
-def unpad_input(hidden, mask):
-    """``flash_attn.bert_padding.unpad_input``'s forward, op for op (flash-attn itself needs a
-    CUDA build): nonzero and cumsum for the indices and ``cu_seqlens``, a host read of the
-    longest sample, and a ``torch.gather`` along the token axis with the indices expanded over
-    each row. Returns (rows ``[T, ...]``, indices, cu_seqlens, max_seqlen)."""
+def _unpad_indices(mask):
+    """unpad_input's bookkeeping: the kept flat positions (nonzero), ``cu_seqlens`` (cumsum)
+    and the longest sample (a host read)."""
     seqlens = mask.sum(-1, dtype=torch.int32)
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
-    max_seqlen = int(seqlens.max())
     cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens, int(seqlens.max())
+
+
+def unpad_input(hidden, mask):
+    """``flash_attn.bert_padding.unpad_input``'s forward, op for op (flash-attn itself needs a
+    CUDA build): the bookkeeping of ``_unpad_indices``, then a ``torch.gather`` along the token
+    axis with the indices expanded over each row. Returns (rows ``[T, ...]``, indices,
+    cu_seqlens, max_seqlen)."""
+    indices, cu_seqlens, max_seqlen = _unpad_indices(mask)
     flat = hidden.reshape(mask.numel(), -1)
     rows = torch.gather(flat, 0, indices.unsqueeze(1).expand(-1, flat.shape[1]))
     return rows.reshape(-1, *hidden.shape[2:]), indices, cu_seqlens, max_seqlen
@@ -120,12 +126,9 @@ def index_select_fn(scores, visual, embeds, positions) -> Callable[[], object]:
     """The fastest one-gather PyTorch we know: the keep mask, nonzero, one ``index_select`` per
     tensor (unpad_input with its gather replaced). Not the issue's pipeline; a stricter check."""
     def run():
-        keep = _keep_mask(scores, visual)
-        seqlens = keep.sum(-1, dtype=torch.int32)
-        indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
-        cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+        indices, cu_seqlens, max_seqlen = _unpad_indices(_keep_mask(scores, visual))
         packed = embeds.reshape(-1, embeds.shape[-1]).index_select(0, indices)
-        return packed, positions.reshape(3, -1).index_select(1, indices), cu_seqlens, int(seqlens.max())
+        return packed, positions.reshape(3, -1).index_select(1, indices), cu_seqlens, max_seqlen
 
     return run
 
