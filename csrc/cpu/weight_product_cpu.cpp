@@ -27,10 +27,10 @@ using Acc = acc_t<T>;
 // feeds several fused multiply-adds and the accumulators never leave registers.
 constexpr int kTileRows = 4;
 constexpr int kTileVectors = 4;
-// Weight rows per task of the dot products, and columns per chunk (a multiple of every
-// kStep): 8 vectors' slice of 512 float32 columns is 16 KiB.
+// Weight rows per task of the dot products and the weight gradients, and the columns per chunk
+// they sweep (a multiple of every kStep): 8 vectors' slice of 512 float32 columns is 16 KiB.
 constexpr int64_t kRowGrain = 16;
-constexpr int64_t kDotColumns = 512;
+constexpr int64_t kChunkColumns = 512;
 // Weight columns per task of the weighted row sums: D = 3584 splits into 14 even tasks, and a
 // task's slice of the output (vectors x columns) stays in L1.
 constexpr int64_t kColumnBlock = 256;
@@ -149,8 +149,8 @@ void weight_rows_dot(const T* weight, const Acc<T>* vectors, int64_t num_vectors
   using AccVec = at::vec::Vectorized<Acc<T>>;
   at::parallel_for(0, rows, kRowGrain, [&](int64_t j0, int64_t j1) {
     std::vector<Acc<T>> partial((j1 - j0) * num_vectors * AccVec::size(), Acc<T>(0));
-    for (int64_t e0 = 0; e0 < dim; e0 += kDotColumns) {
-      const int64_t e1 = std::min(dim, e0 + kDotColumns);
+    for (int64_t e0 = 0; e0 < dim; e0 += kChunkColumns) {
+      const int64_t e1 = std::min(dim, e0 + kChunkColumns);
       int64_t j = j0;
       for (; j + kTileRows <= j1; j += kTileRows) {
         prefetch_rows(weight, std::min(j + kPrefetchRows, j1), std::min(j + kPrefetchRows + kTileRows, j1), dim, e0, e1);
@@ -193,7 +193,7 @@ void weight_rows_sum(const T* weight, const Acc<T>* vectors, int64_t num_vectors
   });
 }
 
-// Rows j..j+R of out, columns [e0, e1), into staged[r * kDotColumns + (e - e0)]: R rows share
+// Rows j..j+R of out, columns [e0, e1), into staged[r * kChunkColumns + (e - e0)]: R rows share
 // each load of `right`, and their R independent sums hide the latency of the fused
 // multiply-adds over the vectors.
 template <typename T, int R>
@@ -215,7 +215,7 @@ void outer_sum_tile(const Acc<T>* left, const Acc<T>* right, int64_t num_vectors
         for (int q = 0; q < IO::kParts; ++q) sum[r][q] = at::vec::fmadd(coefficient, rv[q], sum[r][q]);
       }
     }
-    for (int r = 0; r < R; ++r) IO::store(staged + r * kDotColumns + (e - e0), count, sum[r]);
+    for (int r = 0; r < R; ++r) IO::store(staged + r * kChunkColumns + (e - e0), count, sum[r]);
   }
 }
 
@@ -227,15 +227,15 @@ template <typename T>
 void outer_sum(const Acc<T>* left, const Acc<T>* right, int64_t num_vectors, int64_t rows, int64_t dim,
                T* out) {
   const bool streaming = rows * dim * static_cast<int64_t>(sizeof(T)) >= kStreamingOutputBytes;
-  const int64_t row_bytes = static_cast<int64_t>(sizeof(T));
+  const int64_t element_bytes = static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, rows, kRowGrain, [&](int64_t j0, int64_t j1) {
-    T staged[kTileRows * kDotColumns];
+    T staged[kTileRows * kChunkColumns];
     const auto write = [&](int64_t j, int r, int64_t e0, int64_t e1) {
       copy_row(reinterpret_cast<char*>(out + (j + r) * dim + e0),
-               reinterpret_cast<const char*>(staged + r * kDotColumns), (e1 - e0) * row_bytes, streaming);
+               reinterpret_cast<const char*>(staged + r * kChunkColumns), (e1 - e0) * element_bytes, streaming);
     };
-    for (int64_t e0 = 0; e0 < dim; e0 += kDotColumns) {
-      const int64_t e1 = std::min(dim, e0 + kDotColumns);
+    for (int64_t e0 = 0; e0 < dim; e0 += kChunkColumns) {
+      const int64_t e1 = std::min(dim, e0 + kChunkColumns);
       int64_t j = j0;
       for (; j + kTileRows <= j1; j += kTileRows) {
         outer_sum_tile<T, kTileRows>(left, right, num_vectors, rows, dim, j, e0, e1, staged);
