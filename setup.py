@@ -98,7 +98,7 @@ def _extension():
 
 setup(
     # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
-    packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations"],
+    packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
     package_dir={"vsops.integrations": "integrations"},
     package_data={"vsops.training": ["configs/*.json"]},
     ext_modules=[_extension()],

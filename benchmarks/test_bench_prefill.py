@@ -1,5 +1,6 @@
-"""End-to-end prefill benchmarks (pytest-benchmark): a random-weight Qwen2.5-VL on one prompt of
-2,024 visual and 60 text tokens, unpatched and with VisionSelector at each budget.
+"""End-to-end prefill benchmarks (pytest-benchmark): a random-weight Qwen2.5-VL and a
+LLaVA-OneVision-1.5 of the same sizes (on transformers 4.x, with lmms-engine's model code) on one
+prompt of 2,024 visual and 60 text tokens, unpatched and with VisionSelector at each budget.
 
     python -m pytest benchmarks/test_bench_prefill.py --benchmark-only
 
@@ -14,14 +15,18 @@ import torch
 pytest.importorskip("transformers")
 
 from vsops import bench_prefill  # noqa: E402
-from vsops.integrations import apply_visionselector_to_qwen2_5_vl, revert_visionselector  # noqa: E402
+from vsops.integrations import apply_visionselector, revert_visionselector  # noqa: E402
+from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(scope="module")
-def model_and_batch():
-    return bench_prefill.build_model(DEVICE), bench_prefill.make_batch(DEVICE)
+@pytest.fixture(scope="module", params=sorted(bench_prefill.MODELS))
+def model_and_batch(request):
+    model = request.param
+    if model == "llava_ov_1_5" and unavailable_reason():
+        pytest.skip(unavailable_reason())
+    return bench_prefill.build_model(DEVICE, model=model), bench_prefill.make_batch(DEVICE, model=model)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,7 @@ def patched(model_and_batch, unpatched_seconds, request):
     """(model, batch, unpatched seconds): the module's model with VisionSelector at the test's
     budget, reverted afterwards; the unpatched baseline is timed before the first patch."""
     model, batch = model_and_batch
-    apply_visionselector_to_qwen2_5_vl(model, budget=request.param)
+    apply_visionselector(model, budget=request.param)
     yield model, batch, unpatched_seconds
     revert_visionselector(model)
 

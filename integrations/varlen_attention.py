@@ -4,7 +4,7 @@ It takes what ``flash_attn_varlen_func`` takes: packed sequences (batch 1) descr
 ``cu_seq_lens_q/k``, and computes causal attention within each sequence with
 ``scaled_dot_product_attention``. Registered under a name with transformers'
 ``AttentionInterface`` (and the flash-attention mask convention), a model runs the packed path
-of :class:`~vsops.integrations.selector.VisionSelector` as it would with flash-attention: this is
+of :class:`~vsops.integrations.runtime.VisionSelector` as it would with flash-attention: this is
 how the packed path is tested on CPU, and a fallback for small CPU runs.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vsops.integrations.selector import register_varlen_attention
+from vsops.integrations.runtime import register_varlen_attention
 
 __all__ = ["varlen_reference_attention", "register_reference_varlen_attention"]
 

@@ -141,7 +141,7 @@ def qwen_worker(out):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
-    from vsops.integrations.tiny_models import TOKENS, tiny_qwen2_5_vl_config
+    from vsops.integrations.testing import tiny_qwen2_5_vl_config
     from vsops.training import SyntheticTask, Topology, collate
     from vsops.training.deepspeed_engine import DeepSpeedEngine
     from vsops.training.engine import LocalEngine
@@ -150,8 +150,8 @@ def qwen_worker(out):
         return {**config, "bf16": {"enabled": False}}
 
     task = SyntheticTask(grid=4)
-    batches = [collate([task[4 * s + 2 * m + i] for i in range(2)], image_token_id=TOKENS["image"],
-                       video_token_id=TOKENS["video"]) for s in range(2) for m in range(2)]
+    batches = [collate([task[4 * s + 2 * m + i] for i in range(2)], config=tiny_qwen2_5_vl_config())
+               for s in range(2) for m in range(2)]
     results = {}
     for name, config in (("local", None), ("zero2", fp32(template("zero2.json"))),
                          ("zero3", fp32(template("zero3.json", stage3_param_persistence_threshold=0))),

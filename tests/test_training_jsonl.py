@@ -228,15 +228,14 @@ def test_tokenizer_without_chat_tokens_is_refused():
 def test_collated_batch_trains_a_tiny_qwen2_5_vl(dataset):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config
+    from vsops.integrations.testing import tiny_qwen2_5_vl_config
 
     config = tiny_qwen2_5_vl_config(vocab_size=len(TOK))
     ids = dict(zip(SPECIAL, TOK.convert_tokens_to_ids(SPECIAL)))
     config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
     config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
     examples = list(dataset)
-    batch = collate(examples, pad_token_id=TOK.pad_token_id, image_token_id=config.image_token_id,
-                    video_token_id=config.video_token_id)
+    batch = collate(examples, pad_token_id=TOK.pad_token_id, config=config)
     assert batch["image_grid_thw"].tolist() == [GRIDS["a.png"], GRIDS["a.png"], GRIDS["b.png"], GRIDS["c.png"]]
     assert (batch["labels"] != -100).sum() == sum(int((e.labels != -100).sum()) for e in examples)
     torch.manual_seed(0)
@@ -277,7 +276,7 @@ def test_vsops_train_on_jsonl_data(tmp_path):
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config
+    from vsops.integrations.testing import tiny_qwen2_5_vl_config
 
     model_dir = tmp_path / "model"
     config = tiny_qwen2_5_vl_config(vocab_size=len(TOK))
@@ -306,8 +305,7 @@ def test_vsops_train_on_jsonl_data(tmp_path):
     # at budget 1.0 every token stays: the loss is the unpatched model's
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
     examples = list(JsonlDataset(data, PROCESSOR))
-    batch = collate(examples, pad_token_id=TOK.pad_token_id, image_token_id=config.image_token_id,
-                    video_token_id=config.video_token_id)
+    batch = collate(examples, pad_token_id=TOK.pad_token_id, config=config)
     with torch.no_grad():
         assert losses["1.0"] == pytest.approx(plain(**batch).loss.item(), rel=1e-5)
     assert losses["0.1"] != pytest.approx(losses["1.0"], rel=1e-5)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from vsops.integrations import apply_visionselector_to_qwen2_5_vl  # noqa: E402
-from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config  # noqa: E402
+from vsops.integrations.testing import tiny_qwen2_5_vl_config  # noqa: E402
 from vsops.training import SyntheticTask, TrainConfig, collate, load_scorer, train  # noqa: E402
 from vsops.training.backbone import fit_backbone  # noqa: E402
 from vsops.training.baselines import RandomScorer  # noqa: E402
@@ -147,7 +147,7 @@ def test_saved_scorer_has_the_published_keys_and_loads_through_the_integration(t
     for name, value in scorer_state(trained).items():
         torch.testing.assert_close(scorer_state(loaded)[name], value, rtol=0, atol=0)
     assert trained_backbone  # the trained model's backbone is untouched by training
-    batch = collate([TASK[i] for i in range(4)], image_token_id=trained.config.image_token_id, prompt_only=True)
+    batch = collate([TASK[i] for i in range(4)], config=trained.config, prompt_only=True)
     trained.eval()
     loaded.load_state_dict(trained.state_dict())
     loaded.eval()

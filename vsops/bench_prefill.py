@@ -1,7 +1,8 @@
 """End-to-end prefill benchmark, shared by ``benchmarks/test_bench_prefill.py`` and ``vsops bench
---op prefill``: one forward over a prompt (``model(**batch, use_cache=False)``, eval mode,
-inference mode, sdpa attention) of a Qwen2.5-VL built from a config with random weights, without
-VisionSelector and with it at budgets 1.0, 0.3, 0.2 and 0.1 (the same weights, patched once).
+--op prefill [--model NAME]``: one forward over a prompt (``model(**batch, use_cache=False)``,
+eval mode, inference mode, sdpa attention) of a model built from a config with random weights
+(Qwen2.5-VL by default, or LLaVA-OneVision-1.5, of the same sizes), without VisionSelector and
+with it at budgets 1.0, 0.3, 0.2 and 0.1 (the same weights, patched once).
 
 The prompt is batch 1: 30 text tokens, one image of 88 x 92 patches (2,024 visual tokens between
 its vision-start and vision-end tokens), 30 text tokens; L = 2,086 tokens. Per row:
@@ -32,6 +33,7 @@ from typing import Callable, TextIO
 import torch
 
 BUDGETS = (1.0, 0.3, 0.2, 0.1)
+MODELS = {"qwen2_5_vl": "Qwen2.5-VL", "llava_ov_1_5": "LLaVA-OneVision-1.5"}
 PROMPT = (30, ("image", 88, 92), 30)
 # About 1 s of unpatched prefill on 2 CPU threads, a third of it in the vision tower, which sees
 # the 8,096 patches before the 2 x 2 merge (in Qwen2.5-VL-7B, roughly a quarter of the FLOPs).
@@ -53,23 +55,40 @@ def transformers_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
-def build_model(device, dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
-    """A ``Qwen2_5_VLForConditionalGeneration`` of :data:`MODEL_SIZES`, random weights, eval mode."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def build_model(device, dtype=torch.float32, seed: int = 0, model: str = "qwen2_5_vl") -> torch.nn.Module:
+    """A model of :data:`MODEL_SIZES` (``model``: a key of :data:`MODELS`), random weights,
+    eval mode. LLaVA-OneVision-1.5 is remote code: it is saved to a temporary directory with
+    its code and loaded from there, as a user loads the published checkpoint."""
+    if model == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config
+        from vsops.integrations.testing import tiny_qwen2_5_vl_config
 
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**MODEL_SIZES, attn_implementation="sdpa"))
-    return model.to(device=device, dtype=dtype).eval()
+        torch.manual_seed(seed)
+        built = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**MODEL_SIZES, attn_implementation="sdpa"))
+    elif model == "llava_ov_1_5":
+        import tempfile
+
+        from transformers import AutoModelForCausalLM
+
+        from vsops.integrations.testing import llava_ov_1_5_model_dir
+
+        with tempfile.TemporaryDirectory() as directory:
+            path = llava_ov_1_5_model_dir(directory, seed=seed, **MODEL_SIZES)
+            built = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation="sdpa")
+    else:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    return built.to(device=device, dtype=dtype).eval()
 
 
-def make_batch(device, dtype=torch.float32, seed: int = 0) -> dict:
+def make_batch(device, dtype=torch.float32, seed: int = 0, model: str = "qwen2_5_vl") -> dict:
     """The model inputs of :data:`PROMPT`: ``input_ids`` and ``attention_mask`` int64 ``[1, L]``,
-    ``pixel_values`` ``[8096, 96]`` in ``dtype``, ``image_grid_thw`` int64 ``[1, 3]``."""
-    from vsops.integrations.tiny_models import qwen2_5_vl_batch
+    ``pixel_values`` ``[8096, patch values]`` in ``dtype``, ``image_grid_thw`` int64 ``[1, 3]``."""
+    from vsops.integrations import testing
 
-    batch = qwen2_5_vl_batch([list(PROMPT)], seed=seed)
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    batch = getattr(testing, f"{model}_batch")([list(PROMPT)], seed=seed)
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     return {name: t.to(device) for name, t in batch.items()}
 
@@ -240,7 +259,7 @@ def measure_unpatched(model, batch, device) -> PrefillRow:
 
 
 def measure_budget(model, batch, device, budget: float) -> PrefillRow:
-    """One row for a model patched with :func:`apply_visionselector_to_qwen2_5_vl`."""
+    """One row for a model patched with :func:`vsops.integrations.apply_visionselector`."""
     model.visionselector.budget = budget
     run = prefill_fn(model, batch)
     return PrefillRow(
@@ -256,10 +275,10 @@ def measure_budget(model, batch, device, budget: float) -> PrefillRow:
 def measure_all(model, batch, device) -> list[PrefillRow]:
     """The unpatched row, then one per budget of :data:`BUDGETS`; the model is patched for the
     budget rows and reverted afterwards."""
-    from vsops.integrations import apply_visionselector_to_qwen2_5_vl, revert_visionselector
+    from vsops.integrations import apply_visionselector, revert_visionselector
 
     rows = [measure_unpatched(model, batch, device)]
-    apply_visionselector_to_qwen2_5_vl(model, budget=BUDGETS[0])
+    apply_visionselector(model, budget=BUDGETS[0])
     try:
         rows += [measure_budget(model, batch, device, budget) for budget in BUDGETS]
     finally:
@@ -267,12 +286,13 @@ def measure_all(model, batch, device) -> list[PrefillRow]:
     return rows
 
 
-def print_table(rows: list[PrefillRow], vision_ms: float, device, dtype, file: TextIO = sys.stdout) -> None:
+def print_table(rows: list[PrefillRow], vision_ms: float, device, dtype, file: TextIO = sys.stdout,
+                model: str = "qwen2_5_vl") -> None:
     sizes = MODEL_SIZES
     text, visual = prompt_token_counts()
     threads = f", {torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else ""
     print(
-        f"Qwen2.5-VL prefill, batch 1, L = {rows[0].tokens} tokens ({text} text, {visual} visual), "
+        f"{MODELS[model]} prefill, batch 1, L = {rows[0].tokens} tokens ({text} text, {visual} visual), "
         f"random weights: language model {sizes['layers']} x {sizes['hidden_size']} (MLP "
         f"{sizes['intermediate_size']}), vision tower {sizes['vision_depth']} x {sizes['vision_hidden_size']}; "
         f"sdpa, {str(dtype).replace('torch.', '')}, device {device}{threads}",
@@ -294,15 +314,16 @@ def print_table(rows: list[PrefillRow], vision_ms: float, device, dtype, file: T
         )
 
 
-def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout) -> list[PrefillRow]:
-    """Builds the model, measures every row and prints the table; returns the rows (none
-    without transformers)."""
+def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, model: str = "qwen2_5_vl") -> list[PrefillRow]:
+    """Builds the model (a key of :data:`MODELS`), measures every row and prints the table;
+    returns the rows (none without transformers)."""
     if not transformers_available():
         print("Prefill benchmark skipped: it needs transformers (pip install transformers).", file=file)
         return []
     device = torch.device(device)
-    model, batch = build_model(device, dtype), make_batch(device, dtype)
+    name = model
+    model, batch = build_model(device, dtype, model=name), make_batch(device, dtype, model=name)
     vision_ms = 1e3 * median_seconds(vision_tower_fn(model, batch), device)
     rows = measure_all(model, batch, device)
-    print_table(rows, vision_ms, device, dtype, file)
+    print_table(rows, vision_ms, device, dtype, file, model=name)
     return rows

@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    bench.add_argument(
+        "--model", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava_ov_1_5"],
+        help="prefill: the model family of the end-to-end table (default: qwen2_5_vl)",
+    )
     from vsops.training.run import add_arguments
 
     add_arguments(commands.add_parser("train", help="train a VisionSelector scorer (synthetic task or JSONL data)"))
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # "all" covers the operators; the end-to-end prefill joins it where transformers is installed.
         if args.op == "prefill" or (args.op == "all" and bench_prefill.transformers_available()):
-            bench_prefill.summary(args.device, dtype)
+            bench_prefill.summary(args.device, dtype, model=args.model)
     return 0
 
 

@@ -133,13 +133,38 @@ def _select_per_image(scores, visual_mask, budget, image_index) -> torch.Tensor:
     return keep.view(b, length) | ~visual_mask
 
 
-def kept_counts(visual_counts: Sequence[int], text_counts: Sequence[int], budget: float) -> list[int]:
-    """Tokens ``select_visual_tokens(..., scope="sample")`` keeps per sample, computed on the
-    host from per-sample visual and text token counts (e.g. from the image grid sizes and the
-    prompt lengths); pass it as ``counts`` to pack or pad without a host sync."""
+def kept_counts(
+    visual_counts: Sequence[int] | Sequence[Sequence[int]],
+    text_counts: Sequence[int],
+    budget: float,
+    *,
+    scope: str = "sample",
+) -> list[int]:
+    """Tokens :func:`select_visual_tokens` keeps per sample, computed on the host; pass it as
+    ``counts`` to pack or pad without a host sync.
+
+    Args:
+        visual_counts: per sample, its visual token count (``scope="sample"``), or the list of
+            the token counts of its images and videos (``scope="image"``), e.g. from the image
+            grid sizes.
+        text_counts: per sample, the tokens that are always kept (text; not padding).
+        budget: fraction of visual tokens kept, in (0, 1].
+        scope: ``"sample"`` or ``"image"``, as given to :func:`select_visual_tokens`.
+
+    Returns:
+        One int per sample: ``text + budget_to_k(visual)`` (``"sample"``) or ``text + the sum
+        of budget_to_k over its images`` (``"image"``).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if len(visual_counts) != len(text_counts):
         raise ValueError("visual_counts and text_counts must have one entry per sample")
-    return [int(t) + budget_to_k(int(v), budget) for v, t in zip(visual_counts, text_counts)]
+    if scope == "sample":
+        return [int(t) + budget_to_k(int(v), budget) for v, t in zip(visual_counts, text_counts)]
+    for i, items in enumerate(visual_counts):
+        if not isinstance(items, Sequence):
+            raise TypeError(f'with scope="image", visual_counts[{i}] must be the list of its images\' counts')
+    return [int(t) + sum(budget_to_k(int(n), budget) for n in items) for items, t in zip(visual_counts, text_counts)]
 
 
 @dataclasses.dataclass

@@ -13,7 +13,6 @@ __all__ = ["SCORER_PREFIX", "save_scorer", "load_scorer", "save_training_state",
 # The published VisionSelector checkpoints' key prefix for Qwen2.5-VL (LLaVA-OneVision-1.5
 # prefixes "model."); the integration's models load either.
 SCORER_PREFIX = "visual.importance_scorer."
-_PREFIXES = (SCORER_PREFIX, "model." + SCORER_PREFIX)
 
 
 def save_scorer(path: str, scorer: nn.Module, *, prefix: str = SCORER_PREFIX, metadata: dict | None = None) -> None:
@@ -39,13 +38,13 @@ def load_scorer(path: str, scorer: nn.Module) -> nn.Module:
     ``model.visionselector.scorer`` of a patched model. Returns ``scorer``."""
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
-    for prefix in _PREFIXES:
-        found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if found:
-            scorer.load_state_dict(found)
-            return scorer
-    raise ValueError(f"{path} holds no scorer weights (keys starting with one of {_PREFIXES})")
+    from vsops.integrations.loading import SCORER_PREFIXES, scorer_weights
+
+    found = scorer_weights(load_file(path))
+    if not found:
+        raise ValueError(f"{path} holds no scorer weights (keys starting with one of {SCORER_PREFIXES})")
+    scorer.load_state_dict(found)
+    return scorer
 
 
 def save_training_state(directory: str, *, step: int, engine, scorer: nn.Module, config: dict, history: list,

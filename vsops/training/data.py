@@ -1,4 +1,4 @@
-"""One training example and the collation of examples into a Qwen2.5-VL batch."""
+"""One training example and the collation of examples into a model's batch."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,17 +28,15 @@ class Example:
     prompt_length: int
 
 
-def collate(
-    examples: list[Example], *, pad_token_id: int = 0, image_token_id: int | None = None,
-    video_token_id: int | None = None, prompt_only: bool = False,
-) -> dict:
+def collate(examples: list[Example], *, pad_token_id: int = 0, config=None, prompt_only: bool = False) -> dict:
     """Pads examples into model inputs.
 
     Args:
         examples: the batch.
         pad_token_id: the id padding slots get.
-        image_token_id, video_token_id: the placeholder ids, needed where the installed
-            transformers takes ``mm_token_type_ids``.
+        config: the model's config, when its forward takes per-token inputs besides
+            ``input_ids`` (its adapter's ``extra_inputs``, e.g. Qwen2.5-VL's
+            ``mm_token_type_ids`` in transformers 5).
         prompt_only: cut every example at its ``prompt_length`` and pad on the left, so that
             ``logits[:, -1]`` is each example's answer prediction (evaluation); otherwise the
             whole conversation, padded on the right, with ``labels``.
@@ -46,7 +44,7 @@ def collate(
     Returns:
         ``input_ids``, ``attention_mask`` (int64 ``[B, L]``), ``labels`` (unless
         ``prompt_only``), ``pixel_values`` and ``image_grid_thw`` when any example has images,
-        and ``mm_token_type_ids`` where transformers takes it.
+        and the model's extra per-token inputs.
     """
     if not examples:
         raise ValueError("examples must not be empty")
@@ -68,17 +66,14 @@ def collate(
     if with_images:
         batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
         batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in with_images])
-    if image_token_id is not None:
-        from vsops.integrations.qwen2_5_vl import mm_token_type_ids
+    if config is not None:
+        from vsops.integrations import adapter_for
 
-        kinds = mm_token_type_ids(input_ids, image_token_id, video_token_id)
-        if kinds is not None:
-            batch["mm_token_type_ids"] = kinds
+        batch.update(adapter_for(config.model_type).extra_inputs(input_ids, config))
     return batch
 
 
 def collate_for_model(examples: list[Example], config, *, prompt_only: bool = False) -> dict:
-    """:func:`collate` with the padding and placeholder ids of a Qwen2.5-VL ``config``."""
+    """:func:`collate` with the padding and extra inputs of the model of ``config``."""
     pad = getattr(config, "pad_token_id", None)
-    return collate(examples, pad_token_id=0 if pad is None else pad, image_token_id=config.image_token_id,
-                   video_token_id=config.video_token_id, prompt_only=prompt_only)
+    return collate(examples, pad_token_id=0 if pad is None else pad, config=config, prompt_only=prompt_only)

@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data", metavar="FILE.jsonl", help="training conversations (Cambrian/LLaVA JSONL)")
     parser.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out conversations (with --data)")
     parser.add_argument("--image-root", help="directory the JSONL image paths are relative to")
-    parser.add_argument("--model", help="Qwen2.5-VL checkpoint directory (with --data; the synthetic task builds its own)")
+    parser.add_argument("--model", help="checkpoint directory of a supported model, e.g. Qwen2.5-VL or LLaVA-OneVision-1.5 "
+                        "(with --data; the synthetic task builds its own Qwen2.5-VL)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow --model's own code to run (LLaVA-OneVision-1.5 ships as remote code)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--budget", type=float, default=0.2, help="retention budget trained at (default 0.2)")
     parser.add_argument("--steps", type=int, help="optimizer steps of the scorer")
@@ -83,7 +86,7 @@ def run(args) -> dict:
     from vsops.training.distributed import init_topology
 
     if args.task is None and args.model is None:
-        raise ValueError("--data needs --model, the Qwen2.5-VL checkpoint whose scorer is trained")
+        raise ValueError("--data needs --model, the checkpoint whose scorer is trained")
     topology = init_topology(args.device)
     began = time.perf_counter()
     if args.task == "synthetic":
@@ -101,7 +104,7 @@ def _run_synthetic(args, topology) -> dict:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
-    from vsops.integrations.tiny_models import tiny_qwen2_5_vl_config
+    from vsops.integrations.testing import tiny_qwen2_5_vl_config
     from vsops.training.baselines import BASELINES
     from vsops.training.evaluate import answer_tables
     from vsops.training.synthetic import SyntheticTask
@@ -155,23 +158,26 @@ def _run_synthetic(args, topology) -> dict:
 def _run_jsonl(args, topology) -> dict:
     from types import SimpleNamespace
 
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    from vsops.integrations import apply_visionselector_to_qwen2_5_vl
+    from vsops.integrations import from_pretrained
+    from vsops.integrations.loading import read_scorer_weights
     from vsops.training.evaluate import loss_table
     from vsops.training.jsonl import JsonlDataset
 
     config = _train_config(args, {})
     # The tokenizer and image processor are all the data needs (the full processor would
     # also load a video processor, which needs torchvision).
+    remote = dict(trust_remote_code=args.trust_remote_code)
     processor = SimpleNamespace(
-        tokenizer=AutoTokenizer.from_pretrained(args.model), image_processor=AutoImageProcessor.from_pretrained(args.model)
+        tokenizer=AutoTokenizer.from_pretrained(args.model, **remote),
+        image_processor=AutoImageProcessor.from_pretrained(args.model, **remote),
     )
     dataset = JsonlDataset(args.data, processor, image_root=args.image_root)
     dtype = torch.bfloat16 if topology.device.type == "cuda" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype).to(topology.device)
-    had_scorer = hasattr(model.model.visual, "importance_scorer")
-    apply_visionselector_to_qwen2_5_vl(model, budget=config.budget)
+    had_scorer = bool(read_scorer_weights(args.model))
+    model = from_pretrained(args.model, budget=config.budget, allow_missing_scorer=True, torch_dtype=dtype, **remote)
+    model.to(topology.device)
     model.visionselector.scorer.float()
     if not had_scorer:
         torch.manual_seed(args.seed)

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from vsops.integrations.tiny_models import TOKENS
+from vsops.integrations.testing import TOKENS
 from vsops.training.data import Example
 
 __all__ = ["SyntheticTask", "patchify"]

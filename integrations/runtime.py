@@ -2,9 +2,15 @@
 see, then either prune them (inference) or scale them by the soft mask (training), and keep the
 pruned KV cache and the attention mask of later decode steps in agreement.
 
-A model integration (e.g. :mod:`vsops.integrations.qwen2_5_vl`) tells the selector, per forward
-call, which tokens are visual (:meth:`VisionSelector.begin_call`), and routes the language
-model's keyword arguments through :meth:`VisionSelector.language_model_inputs`.
+The hooks of :mod:`vsops.integrations.patching` tell the selector, per forward call, which
+tokens are visual (:meth:`VisionSelector.begin_call`, from what a model's adapter declares),
+and route the language model's keyword arguments through
+:meth:`VisionSelector.language_model_inputs`. The selection itself is the public varlen path
+(:func:`vsops.varlen.select_visual_tokens`, :func:`vsops.varlen.kept_counts`,
+:func:`vsops.varlen.select_and_pack` / :func:`~vsops.varlen.select_and_pad`), the one
+``vsops bench --op varlen`` measures. Host syncs per prefill: one to read the visual and real
+token counts of each sample (and image), plus the one :func:`~vsops.varlen.select_visual_tokens`
+documents for ``scope="image"``; the packs and pads then run on host counts.
 """
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ import weakref
 import torch
 
 from vsops.budget import budget_to_k, check_budget
-from vsops.difftopk import constraint_loss, difftopk, topk_mask
-from vsops.varlen import SCOPES, select_and_pack, select_and_pad, unpack
+from vsops.difftopk import constraint_loss, difftopk
+from vsops.varlen import SCOPES, kept_counts, select_and_pack, select_and_pad, select_visual_tokens, unpack
 
 __all__ = ["VisionSelector", "Selection", "VARLEN_ATTENTION", "register_varlen_attention"]
 
@@ -66,10 +72,32 @@ class Selection:
 @dataclasses.dataclass
 class _Call:
     visual_mask: torch.Tensor  # bool [B, L]
-    image_ids: torch.Tensor | None  # int64 [B, L], a distinct id per image/video, -1 elsewhere
+    image_ids: torch.Tensor | None  # int64 [B, L], images/videos numbered in order of appearance, -1 elsewhere
+    items: int  # the number of distinct ids (images and videos of the call)
     attention_mask: torch.Tensor | None
     budget: float
     training: bool
+
+
+@dataclasses.dataclass
+class _Counts:
+    """Token counts of a call on the host, read in one sync."""
+
+    visual: list[int]  # visual tokens per sample
+    real: list[int]  # tokens per sample that are not padding
+    per_item: list[list[int]] | None  # scope "image": per sample, its images' token counts in order
+
+    def segments(self) -> list[int]:
+        """Lengths of the scored segments, in the packed order of the visual tokens."""
+        if self.per_item is None:
+            return [n for n in self.visual if n > 0]
+        return [n for row in self.per_item for n in row]
+
+    def kept(self, budget: float) -> list[int]:
+        text = [r - v for r, v in zip(self.real, self.visual)]
+        if self.per_item is None:
+            return kept_counts(self.visual, text, budget)
+        return kept_counts(self.per_item, text, budget, scope="image")
 
 
 @dataclasses.dataclass
@@ -91,13 +119,26 @@ class VisionSelector:
             ``"image"`` (one budget per image or video).
         packed: None (pack when the attention implementation takes varlen input and no cache
             is used), True (same, but raise when that is impossible) or False (always pad).
+        position_rows: rows of the rope position ids the language model takes (3 for M-RoPE,
+            1 for plain RoPE); set by the model's adapter.
     """
 
-    def __init__(self, scorer, *, budget: float = 0.2, scope: str = "sample", packed: bool | None = None):
+    def __init__(
+        self,
+        scorer,
+        *,
+        budget: float = 0.2,
+        scope: str = "sample",
+        packed: bool | None = None,
+        position_rows: int = 1,
+    ):
+        if position_rows not in (1, 3):
+            raise ValueError(f"position_rows must be 1 or 3, got {position_rows!r}")
         self.scorer = scorer
         self.budget = budget
         self.scope = scope
         self.packed = packed
+        self.position_rows = position_rows
         self.last: Selection | None = None
         self.hooks: list = []  # the integration's hook handles, for reverting
         self._call: _Call | None = None
@@ -152,15 +193,17 @@ class VisionSelector:
 
     # -- per-call protocol -------------------------------------------------------------------
 
-    def begin_call(self, visual_mask, image_ids, attention_mask, *, budget=None, training=False) -> None:
+    def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False) -> None:
         """Called by the integration before the multimodal forward: which tokens are visual.
 
         Args:
             visual_mask: bool ``[B, L]``, True at the visual placeholder tokens (not padding);
                 None for a call without visual input (the selector then only follows the cache).
-            image_ids: int64 ``[B, L]``: a distinct id per image or video at its tokens, -1
-                elsewhere (needed for ``scope="image"``; may be None with ``scope="sample"``).
+            image_ids: int64 ``[B, L]``: the image or video of each visual token, numbered
+                ``0 .. items - 1`` over the batch in order of appearance (row-major), -1
+                elsewhere; needed for ``scope="image"``, may be None with ``scope="sample"``.
             attention_mask: the caller's ``[B, L]`` padding mask, or None.
+            items: the number of images and videos of the call (a host int).
             budget: this call's budget, overriding :attr:`budget`.
             training: soft-mask training (all tokens stay) instead of pruning.
         """
@@ -171,12 +214,23 @@ class VisionSelector:
         budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
-        self._call = _Call(visual_mask, image_ids, attention_mask, budget, training)
+        self._call = _Call(visual_mask, image_ids, items, attention_mask, budget, training)
 
     def end_call(self) -> Selection | None:
         """Ends the call; returns what was selected (also kept as :attr:`last`)."""
         self._call = None
         return self.last
+
+    def full_cache_position(self, past_key_values, new_tokens: int, device) -> torch.Tensor | None:
+        """For a decode step on the cache this selector pruned, called without
+        ``cache_position``: the positions of the ``new_tokens`` in the caller's (unpruned)
+        sequence, int64 ``[new_tokens]``, so that a model deriving rope positions from them
+        continues at the unpruned length. None for any other cache."""
+        pruned = self._pruned
+        if pruned is None or past_key_values is None or pruned.cache() is not past_key_values:
+            return None
+        start = past_key_values.get_seq_length() + pruned.full_length - pruned.pruned_mask.shape[1]
+        return torch.arange(start, start + new_tokens, device=device)
 
     def language_model_inputs(self, kwargs: dict, config) -> dict:
         """The language model's keyword arguments with the selection applied.
@@ -199,53 +253,81 @@ class VisionSelector:
         self._pruned = None
         if call is None:
             return kwargs
-        counts = call.visual_mask.sum(1).tolist()
-        if sum(counts) == 0:
-            return kwargs
         embeds = kwargs["inputs_embeds"]
         if call.visual_mask.shape != embeds.shape[:2]:
             raise ValueError(
                 f"the visual mask is {tuple(call.visual_mask.shape)} but inputs_embeds is {tuple(embeds.shape)}"
             )
-        scores, cu, segment_lengths, visual = self._score(embeds, call, counts)
-        k = budget_to_k(torch.tensor(segment_lengths), call.budget).to(embeds.device)
-        hard = topk_mask(scores.detach(), k, cu_seqlens=cu)
+        counts = self._counts(call)
+        if sum(counts.visual) == 0:
+            return kwargs
+        visual = select_and_pack(call.visual_mask, embeds, counts=counts.visual)
+        segments = counts.segments()
+        cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(segments).cumsum(0)
+        cu = cu.to(embeds.device)
+        scores = self._score(visual.tensors[0], cu)
+        b, length = call.visual_mask.shape
+        keep = select_visual_tokens(
+            unpack(scores.detach(), visual.indices, b, length),
+            call.visual_mask,
+            call.budget,
+            scope=self.scope,
+            image_index=self._image_index(call) if self.scope == "image" else None,
+        )
         if call.training:
-            return self._soft_inputs(kwargs, call, scores, k, cu, hard, visual)
-        keep = ~call.visual_mask | unpack(hard, visual.indices, visual.batch, visual.length).bool()
+            k = budget_to_k(torch.tensor(segments), call.budget).to(embeds.device)
+            return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual)
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
-        lengths = keep.sum(1).tolist()
-        return self._pruned_inputs(kwargs, config, keep, lengths)
+        return self._pruned_inputs(kwargs, config, keep, counts.kept(call.budget))
 
     # -- the pieces ----------------------------------------------------------------------------
 
-    def _score(self, embeds, call: _Call, counts):
-        """LIS scores of the visual tokens, packed in row-major order, with their segments
-        (int32 offsets on the device, and lengths on the host) and the pack."""
-        visual = select_and_pack(call.visual_mask, embeds, counts=counts)
-        x = visual.tensors[0]
+    @staticmethod
+    def _counts(call: _Call) -> _Counts:
+        """The visual and real token counts of each sample (and with image ids, of each image
+        in order of appearance), read in one host sync."""
+        visual = call.visual_mask
+        b, length = visual.shape
+        real = visual.new_ones(()) if call.attention_mask is None else call.attention_mask.bool()
+        columns = [visual.sum(1, keepdim=True), real.expand(b, length).sum(1, keepdim=True)]
+        if call.image_ids is not None:
+            cells = b * call.items  # one per (sample, image); the last slot takes the text tokens
+            slot = torch.where(visual, torch.arange(b, device=visual.device).unsqueeze(1) * call.items + call.image_ids, cells)
+            per = torch.zeros(cells + 1, dtype=torch.long, device=visual.device)
+            per.scatter_add_(0, slot.reshape(-1), torch.ones(b * length, dtype=torch.long, device=visual.device))
+            columns.append(per[:cells].view(b, call.items))
+        rows = torch.cat(columns, 1).tolist()  # the one host sync
+        visual_counts, real_counts = [r[0] for r in rows], [r[1] for r in rows]
+        if call.image_ids is None:
+            return _Counts(visual_counts, real_counts, None)
+        # Ids follow the order of appearance, so a sample's ids in increasing order are its
+        # images in the packed order of its visual tokens.
+        return _Counts(visual_counts, real_counts, [[n for n in r[2:] if n > 0] for r in rows])
+
+    @staticmethod
+    def _image_index(call: _Call) -> torch.Tensor:
+        """The image of each visual token numbered from 0 within its sample, -1 elsewhere."""
+        ids = call.image_ids
+        first = ids.masked_fill(ids < 0, call.items).amin(1, keepdim=True)
+        return torch.where(call.visual_mask, ids - first, -1)
+
+    def _score(self, x, cu):
+        """Scores of the packed visual tokens ``x [n, D]`` in segments ``cu``: float32 ``[n]``."""
         # The scorer's own dtype (a parameter-free baseline scorer takes the model's).
         weight = next(self.scorer.parameters(), None)
-        if self.scope == "sample":
-            lengths = [n for n in counts if n > 0]
-        else:
-            ids = select_and_pack(call.visual_mask, call.image_ids, counts=counts).tensors[0]
-            lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lengths).cumsum(0)
-        cu = cu.to(x.device)
-        return self.scorer(x if weight is None else x.to(weight.dtype), cu), cu, lengths, visual
+        return self.scorer(x if weight is None else x.to(weight.dtype), cu)
 
-    def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, hard, visual) -> dict:
+    def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, keep, visual) -> dict:
         soft = difftopk(scores, k, cu_seqlens=cu)
         factor = unpack(soft, visual.indices, visual.batch, visual.length, fill=1.0)
         embeds = kwargs["inputs_embeds"]
         self.last = Selection(
             soft_mask=factor,
             visual_mask=call.visual_mask,
-            hard_mask=unpack(hard, visual.indices, visual.batch, visual.length).bool(),
-            constraint_loss=constraint_loss(soft, hard),
+            hard_mask=keep & call.visual_mask,
+            constraint_loss=constraint_loss(soft, keep.reshape(-1).index_select(0, visual.indices)),
         )
         return {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype)}
 
@@ -266,27 +348,30 @@ class VisionSelector:
     def _pruned_inputs(self, kwargs, config, keep, lengths) -> dict:
         embeds = kwargs["inputs_embeds"]
         b, length = keep.shape
+        rows = self.position_rows
         positions = kwargs.get("position_ids")
         if positions is None:
             # What the language model would have used for the full sequence.
-            positions = torch.arange(length, device=embeds.device).view(1, 1, -1).expand(3, b, -1)
+            positions = torch.arange(length, device=embeds.device).view(1, 1, -1)
         elif positions.dim() == 2:
-            positions = positions.unsqueeze(0).expand(3, -1, -1)
-        # Row 0 of a 4-row tensor holds text positions for packed-sequence detection; after
-        # pruning they have gaps, which the detection would read as sequence starts.
-        positions = positions[-3:]
+            positions = positions.unsqueeze(0)
+        # Only the rope rows: a language model may take more (Qwen2.5-VL's 4-row form carries
+        # text positions in row 0 for packed-sequence detection), and after pruning those have
+        # gaps that the detection would read as sequence starts.
+        positions = positions[-rows:].expand(rows, b, length)
         out = dict(kwargs)
         if self._use_packed(kwargs, config):
             packed = select_and_pack(keep, embeds, positions, counts=lengths)
             out["inputs_embeds"] = packed.tensors[0].unsqueeze(0)
-            out["position_ids"] = packed.tensors[1].unsqueeze(1)
+            out["position_ids"] = packed.tensors[1].unsqueeze(1) if rows > 1 else packed.tensors[1]
             out["attention_mask"] = None
             out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = packed.cu_seqlens
             out["max_length_q"] = out["max_length_k"] = packed.max_seqlen
             self.last = Selection(keep=keep, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen, lengths=lengths)
         else:
             padded = select_and_pad(keep, embeds, positions, padding_side="left", pad_values=(0, 1), counts=lengths)
-            out["inputs_embeds"], out["position_ids"] = padded.tensors
+            out["inputs_embeds"], padded_positions = padded.tensors
+            out["position_ids"] = padded_positions if rows > 1 else padded_positions[0]
             out["attention_mask"] = mask = padded.attention_mask
             self.last = Selection(keep=keep, lengths=lengths)
             cache = kwargs.get("past_key_values")

@@ -1,0 +1,138 @@
+"""What the runtime needs to know about one model family, and the registry of those adapters.
+
+An adapter is a short declaration: how to recognize the model (``config.model_type``, and its
+classes where they exist before loading), where the vision tower, merger, language model and
+scorer are, which placeholder tokens are visual and how many tokens each image or video has,
+and the rows of the position ids its language model takes. The hooks, the output fields, the
+loss and the loading are shared (:mod:`.patching`, :mod:`.loading`); the selection is the
+model-agnostic :class:`~vsops.integrations.runtime.VisionSelector`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ModelAdapter", "register_adapter", "adapter_for", "registered_model_types"]
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+class ModelAdapter:
+    """Base of the adapters; the defaults fit the Qwen2-VL family layout (``model.model`` is
+    the multimodal model holding ``visual`` with its ``merger``, and ``language_model``; image
+    and video placeholders whose token counts follow ``*_grid_thw`` and the spatial merge).
+
+    Attributes:
+        name: the adapter's short name (``vsops bench --model``, ``apply_visionselector_to_<name>``).
+        model_types: the ``config.model_type`` values it serves.
+        position_rows: rows of the language model's rope position ids (3: M-RoPE, 1: plain).
+        visual_inputs: forward keywords whose presence means the call carries images or videos.
+        remote_code: True when the model's classes come from the checkpoint
+            (``trust_remote_code``), so that only instances can be patched.
+    """
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    position_rows: int = 1
+    visual_inputs: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
+    remote_code: bool = False
+
+    # -- recognizing the model ----------------------------------------------------------------
+
+    def classes(self) -> tuple[type, type]:
+        """``(multimodal model class, conditional-generation class)``, for the class patch."""
+        raise ValueError(
+            f"{self.name} is remote code (trust_remote_code): its classes exist only once a checkpoint "
+            "is loaded; patch an instance, or load with vsops.integrations.from_pretrained"
+        )
+
+    def split(self, model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+        """``(top, inner)``: the conditional-generation model (or None when ``model`` is the
+        multimodal model itself) and the multimodal model. Raises TypeError for any other
+        module."""
+        top_cls_name, inner_cls_name = self.class_names()
+        names = {cls.__name__ for cls in type(model).__mro__}
+        if top_cls_name in names:
+            return model, model.model
+        if inner_cls_name in names:
+            return None, model
+        raise TypeError(f"model must be a {top_cls_name} or {inner_cls_name}, got {type(model).__name__}")
+
+    def class_names(self) -> tuple[str, str]:
+        """Names of the conditional-generation and multimodal classes."""
+        raise NotImplementedError
+
+    def load(self, path, **hf_kwargs) -> nn.Module:
+        """The unpatched model from a checkpoint directory (or hub id)."""
+        raise NotImplementedError
+
+    # -- where things are ---------------------------------------------------------------------
+
+    def vision_tower(self, inner: nn.Module) -> nn.Module:
+        """The module the scorer is attached to (as ``importance_scorer``, the published key)."""
+        return inner.visual
+
+    def merger(self, inner: nn.Module) -> nn.Module:
+        """The module whose output the scorer scores (it sets the scorer's device and dtype)."""
+        return inner.visual.merger
+
+    def language_model(self, inner: nn.Module) -> nn.Module:
+        return inner.language_model
+
+    def scorer_size(self, inner: nn.Module) -> int:
+        """The scorer's input size: the language model's hidden size, which the merger emits."""
+        return inner.config.text_config.hidden_size
+
+    # -- which tokens are visual --------------------------------------------------------------
+
+    def placeholders(self, config) -> dict[str, tuple[int, str]]:
+        """Per kind of visual input, its placeholder token id and the forward keyword of its
+        ``[n, 3]`` grids: ``{"image": (id, "image_grid_thw"), "video": (id, "video_grid_thw")}``,
+        in the order the model assigns features to placeholders."""
+        return {
+            "image": (config.image_token_id, "image_grid_thw"),
+            "video": (config.video_token_id, "video_grid_thw"),
+        }
+
+    def tokens_per_item(self, inner: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+        """Placeholder tokens of each image or video of ``grid`` (int64 ``[n, 3]`` of
+        t, h, w patches): the merger joins ``merge x merge`` patches into one token."""
+        return grid.prod(-1) // inner.visual.spatial_merge_size**2
+
+    def extra_inputs(self, input_ids: torch.Tensor, config) -> dict:
+        """Per-token inputs the model's forward takes besides ``input_ids`` (built from them),
+        e.g. for a collate function. None by default."""
+        return {}
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Adds ``adapter`` to the registry under each of its ``model_types`` and its ``name``."""
+    for key in (*adapter.model_types, adapter.name):
+        _REGISTRY[key] = adapter
+    return adapter
+
+
+def registered_model_types() -> list[str]:
+    """The ``config.model_type`` values an adapter serves."""
+    _load_builtin_adapters()
+    return sorted({t for a in _REGISTRY.values() for t in a.model_types})
+
+
+def adapter_for(model_type: str) -> ModelAdapter:
+    """The adapter of ``model_type`` (a ``config.model_type``, or an adapter's name)."""
+    if not isinstance(model_type, str):
+        raise TypeError(f"model_type must be a str, got {type(model_type).__name__}")
+    _load_builtin_adapters()
+    adapter = _REGISTRY.get(model_type)
+    if adapter is None:
+        names = sorted({a.name for a in _REGISTRY.values()})
+        raise ValueError(
+            f"no VisionSelector adapter for model_type {model_type!r}; registered: "
+            f"{registered_model_types()} (names {names})"
+        )
+    return adapter
+
+
+def _load_builtin_adapters() -> None:
+    # Importing an adapter module registers it; they import transformers lazily.
+    from vsops.integrations import llava_ov_1_5, qwen2_5_vl  # noqa: F401

@@ -1,0 +1,137 @@
+"""Loading a model with VisionSelector from a checkpoint, whichever registered family it is,
+remote code included, and reading the scorer's weights in the published key layouts."""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from vsops.integrations.adapter import adapter_for
+from vsops.integrations.patching import attach
+
+__all__ = ["from_pretrained", "SCORER_PREFIXES", "scorer_weights", "read_scorer_weights"]
+
+# Qwen2.5-VL's published checkpoints (transformers 4.50 layout) and LLaVA-OneVision-1.5's
+# (and every checkpoint saved by transformers 4.52+).
+SCORER_PREFIXES = ("visual.importance_scorer.", "model.visual.importance_scorer.")
+_METHODS = ("visionselector",)
+
+
+def scorer_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The scorer's entries of a state dict (keys under one of :data:`SCORER_PREFIXES`), with
+    the prefix removed (``q_proj.weight``, ...); empty when there are none."""
+    for prefix in SCORER_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if found:
+            return found
+    return {}
+
+
+def read_scorer_weights(path, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """The scorer's tensors of a checkpoint (a directory or hub id with ``model.safetensors``
+    or a sharded ``model.safetensors.index.json``), reading only those tensors; empty when the
+    checkpoint has no scorer."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def resolve(name):
+        return cached_file(str(path), name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+    index = resolve("model.safetensors.index.json")
+    if index is not None:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for key in weight_map:
+            if key.startswith(SCORER_PREFIXES):
+                files.setdefault(weight_map[key], []).append(key)
+    else:
+        single = resolve("model.safetensors")
+        if single is None:
+            raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        with safe_open(single, "pt") as f:
+            files = {"model.safetensors": [k for k in f.keys() if k.startswith(SCORER_PREFIXES)]}
+    tensors = {}
+    for name, keys in files.items():
+        if keys:
+            with safe_open(resolve(name), "pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in keys})
+    return scorer_weights(tensors)
+
+
+def from_pretrained(
+    path,
+    *,
+    budget: float = 0.2,
+    scope: str = "sample",
+    method: str | None = None,
+    packed: bool | None = None,
+    allow_missing_scorer: bool = False,
+    **hf_kwargs,
+) -> nn.Module:
+    """Loads a model with VisionSelector applied and its scorer read from the checkpoint.
+
+    Reads the config, picks the registered adapter by ``config.model_type``, loads the model
+    with ``hf_kwargs`` passed through (``trust_remote_code``, ``dtype`` / ``torch_dtype``,
+    ``device_map``, ``attn_implementation``, ...), applies the selector and loads the scorer
+    weights from the checkpoint's safetensors (single file or sharded) under
+    ``visual.importance_scorer.*`` or ``model.visual.importance_scorer.*``. The scorer's
+    projection size is the checkpoint's.
+
+    Args:
+        path: a checkpoint directory (or hub id).
+        budget, scope, packed: see :func:`vsops.integrations.apply_visionselector`.
+        method: the selection method; None or ``"visionselector"`` (the learned scorer).
+        allow_missing_scorer: load a checkpoint without scorer weights, with the scorer
+            initialized as published (normal, std 1e-4; biases 0) for training; otherwise such
+            a checkpoint is a ValueError.
+
+    Returns:
+        The model (eval mode, as transformers loads it), with ``model.visionselector``.
+    """
+    from transformers import AutoConfig
+
+    if method is not None and method not in _METHODS:
+        raise ValueError(f"method must be None or one of {_METHODS}, got {method!r}")
+    if not isinstance(allow_missing_scorer, bool):
+        raise TypeError(f"allow_missing_scorer must be a bool, got {type(allow_missing_scorer).__name__}")
+    hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=hf_kwargs.get("trust_remote_code", False), **hub)
+    adapter = adapter_for(config.model_type)
+    weights = read_scorer_weights(path, **hub)
+    if not weights and not allow_missing_scorer:
+        raise ValueError(
+            f"{path} holds no scorer weights (keys under {SCORER_PREFIXES}); pass allow_missing_scorer=True "
+            "to start from a freshly initialized scorer"
+        )
+    proj_dim = None
+    if "q_proj.weight" in weights:
+        proj_dim = weights["q_proj.weight"].shape[0]
+    model = adapter.load(path, **hf_kwargs)
+    hidden = adapter.scorer_size(adapter.split(model)[1])
+    if "q_proj.weight" in weights and weights["q_proj.weight"].shape[1] != hidden:
+        raise ValueError(
+            f"the checkpoint's scorer takes {weights['q_proj.weight'].shape[1]}-dim tokens but the model's "
+            f"merger emits {hidden}: q_proj.weight is {tuple(weights['q_proj.weight'].shape)}"
+        )
+    scorer = attach(adapter, model, dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed)).scorer
+    if weights:
+        _load_checked(scorer, weights)
+    else:
+        scorer.reset_parameters()  # a class-patched model's scorer went through transformers' init
+    return model
+
+
+def _load_checked(scorer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    expected = scorer.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint's scorer keys do not fit the model: missing {missing}, unexpected {unexpected}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"the checkpoint's scorer {key} is {tuple(value.shape)}, the model's {tuple(expected[key].shape)}"
+            )
+    scorer.load_state_dict(weights)

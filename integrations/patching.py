@@ -1,0 +1,281 @@
+"""Putting the VisionSelector runtime into a model through its adapter: forward hooks, the
+scorer attribute, class patches, revert; the same for every registered model.
+
+The multimodal model's pre-hook tells the selector which tokens are visual (from the adapter's
+placeholders and grids); the language model's pre-hook routes its inputs through
+:meth:`~vsops.integrations.runtime.VisionSelector.language_model_inputs`; the
+conditional-generation model's hooks move the loss onto the kept tokens and add the
+``visionselector`` and ``constraint_loss`` output fields (:mod:`.outputs`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from vsops.integrations.adapter import ModelAdapter, adapter_for
+from vsops.integrations.outputs import attach_selection, causal_lm_loss
+from vsops.integrations.runtime import VisionSelector
+from vsops.scorer import LearnableImportanceScorer
+
+__all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_applied", "image_ids"]
+
+BUDGET_KEYWORD = "visionselector_budget"
+SCORER_ATTRIBUTE = "importance_scorer"  # on the vision tower: the published checkpoints' key
+_class_patch: dict = {}
+
+
+def apply_visionselector(
+    model: nn.Module | None = None,
+    *,
+    model_type: str | None = None,
+    budget: float = 0.2,
+    scope: str = "sample",
+    proj_dim: int | None = None,
+    packed: bool | None = None,
+) -> VisionSelector | None:
+    """Puts VisionSelector into ``model``, whichever registered model family it is.
+
+    Args:
+        model: a conditional-generation model (e.g. ``Qwen2_5_VLForConditionalGeneration``) or
+            its multimodal model (``model.model``) to patch; or None to patch the transformers
+            classes of ``model_type`` so that every model created afterwards carries the
+            selector (not possible for remote code, whose classes come with the checkpoint).
+        model_type: with ``model=None``, the ``config.model_type`` (or adapter name) whose
+            classes to patch; with a model, if given, it must match the model's.
+        budget: fraction of visual tokens kept, in (0, 1].
+        scope: ``"sample"`` (one budget over all visual tokens of a sample, as the published
+            checkpoints were trained) or ``"image"`` (one per image or video).
+        proj_dim: the scorer's projection size (default: hidden size // 2, as published).
+        packed: see :class:`~vsops.integrations.runtime.VisionSelector`.
+
+    Returns:
+        The model's :class:`~vsops.integrations.runtime.VisionSelector` (also
+        ``model.visionselector``), or None for the class patch. Applying again to a patched
+        model updates its settings.
+
+    In eval mode the language model sees the kept tokens only (padded, or packed for varlen
+    attention without a cache) at their original rope positions; in training mode every token
+    stays and the visual ones are scaled by the soft mask, and the output carries
+    ``constraint_loss``. Outputs carry ``visionselector`` (a
+    :class:`~vsops.integrations.runtime.Selection`).
+    """
+    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed)
+    VisionSelector(None, budget=budget, scope=scope, packed=packed)  # validates the settings now
+    if model is None:
+        if model_type is None:
+            raise ValueError("give the model to patch, or model_type to patch its classes")
+        adapter = adapter_for(model_type)
+        _patch_classes(adapter, settings)
+        return None
+    adapter = _adapter_of(model, model_type)
+    return attach(adapter, model, settings)
+
+
+def attach(adapter: ModelAdapter, model: nn.Module, settings: dict) -> VisionSelector:
+    """:func:`apply_visionselector` on an instance whose adapter is known."""
+    top, inner = adapter.split(model)
+    selector = _attach_inner(adapter, inner, settings)
+    if top is not None:
+        _attach_top(top, selector)
+    return selector
+
+
+def is_visionselector_applied(model: nn.Module | None = None) -> bool:
+    """Whether ``model`` (or, with None, any transformers class) carries the selector."""
+    if model is None:
+        return bool(_class_patch)
+    return isinstance(getattr(model, "visionselector", None), VisionSelector)
+
+
+def revert_visionselector(model: nn.Module | None = None) -> None:
+    """Undoes :func:`apply_visionselector`: removes the hooks, the scorer and
+    ``model.visionselector`` from ``model``, or, with None, restores every patched
+    transformers class (models already created keep their patch)."""
+    if model is None:
+        for cls, init in _class_patch.items():
+            cls.__init__ = init
+        _class_patch.clear()
+        return
+    selector = getattr(model, "visionselector", None)
+    if not isinstance(selector, VisionSelector):
+        raise ValueError(f"{type(model).__name__} does not carry a VisionSelector")
+    adapter = _adapter_of(model, None)
+    for handle in selector.hooks:
+        handle.remove()
+    selector.hooks.clear()
+    top, inner = adapter.split(model)
+    delattr(adapter.vision_tower(inner), SCORER_ATTRIBUTE)
+    for module in (top, inner, adapter.language_model(inner)):
+        if module is not None:
+            module.__dict__.pop("visionselector", None)
+
+
+def image_ids(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
+    """The image or video of each visual token, numbered over the batch in order of appearance
+    (int64 ``[B, L]``, -1 elsewhere), and the number of images and videos.
+
+    Each kind's features fill its placeholders in row-major order, as the models scatter them.
+    """
+    ids = torch.full_like(input_ids, -1)
+    offset = 0
+    for kind, (token, grid_name) in adapter.placeholders(inner.config).items():
+        grid = kwargs.get(grid_name)
+        if grid is None:
+            continue
+        where = input_ids == token
+        per_item = adapter.tokens_per_item(inner, grid).to(input_ids.device)
+        item = torch.repeat_interleave(torch.arange(len(per_item), device=input_ids.device) + offset, per_item)
+        if item.numel() != int(where.sum()):
+            raise ValueError(f"{grid_name} describes {item.numel()} {kind} tokens but input_ids has {int(where.sum())}")
+        ids[where] = item
+        offset += len(per_item)
+    # Renumbered in order of appearance: a new image starts where the id changes.
+    flat = ids.reshape(-1)
+    previous = torch.cat([flat.new_full((1,), -1), flat[:-1]])
+    starts = (flat >= 0) & (flat != previous)
+    ordinal = torch.cumsum(starts, 0) - 1
+    return torch.where(flat >= 0, ordinal, -1).view_as(ids), offset
+
+
+def _adapter_of(model: nn.Module, model_type: str | None) -> ModelAdapter:
+    config = getattr(model, "config", None)
+    found = getattr(config, "model_type", None)
+    if not isinstance(model, nn.Module) or found is None:
+        raise TypeError(f"model must be a transformers model with a config, got {type(model).__name__}")
+    adapter = adapter_for(found)
+    if model_type is not None and adapter is not adapter_for(model_type):
+        raise ValueError(f"model_type {model_type!r} does not match the model's {found!r}")
+    return adapter
+
+
+def _patch_classes(adapter: ModelAdapter, settings) -> None:
+    inner_cls, top_cls = adapter.classes()
+    revert_visionselector(None)
+    inner_init, top_init = inner_cls.__init__, top_cls.__init__
+
+    def patched_inner_init(self, config, *args, **kwargs):
+        inner_init(self, config, *args, **kwargs)
+        _attach_inner(adapter, self, settings)
+
+    def patched_top_init(self, config, *args, **kwargs):
+        top_init(self, config, *args, **kwargs)
+        _attach_top(self, self.model.visionselector)
+
+    _class_patch[inner_cls], _class_patch[top_cls] = inner_init, top_init
+    inner_cls.__init__, top_cls.__init__ = patched_inner_init, patched_top_init
+
+
+def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSelector:
+    tower = adapter.vision_tower(inner)
+    scorer = getattr(tower, SCORER_ATTRIBUTE, None)
+    proj_dim = settings["proj_dim"]
+    if scorer is None:
+        reference = next(reversed(list(adapter.merger(inner).parameters())))
+        scorer = LearnableImportanceScorer(
+            adapter.scorer_size(inner), proj_dim, device=reference.device, dtype=reference.dtype
+        )
+        setattr(tower, SCORER_ATTRIBUTE, scorer)
+    elif proj_dim is not None and scorer.proj_dim != proj_dim:
+        raise ValueError(f"the model's scorer has proj_dim {scorer.proj_dim}, not {proj_dim}")
+    selector = getattr(inner, "visionselector", None)
+    if isinstance(selector, VisionSelector):
+        selector.budget, selector.scope, selector.packed = settings["budget"], settings["scope"], settings["packed"]
+        return selector
+    selector = VisionSelector(
+        scorer,
+        budget=settings["budget"],
+        scope=settings["scope"],
+        packed=settings["packed"],
+        position_rows=adapter.position_rows,
+    )
+    language_model = adapter.language_model(inner)
+    selector.hooks = [
+        inner.register_forward_pre_hook(functools.partial(_inner_pre_hook, adapter), with_kwargs=True),
+        inner.register_forward_hook(_inner_post_hook),
+        language_model.register_forward_pre_hook(_language_model_pre_hook, with_kwargs=True),
+    ]
+    # Plain attributes, not submodules; the hooks find the selector through their module, so
+    # that a deep copy of the model gets hooks bound to its own copy of the selector.
+    inner.__dict__["visionselector"] = selector
+    language_model.__dict__["visionselector"] = selector
+    return selector
+
+
+def _attach_top(model: nn.Module, selector: VisionSelector) -> None:
+    if model.__dict__.get("visionselector") is selector:
+        return
+    selector.hooks += [
+        model.register_forward_pre_hook(_top_pre_hook, with_kwargs=True),
+        model.register_forward_hook(_top_post_hook),
+    ]
+    model.__dict__["visionselector"] = selector
+
+
+def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
+    selector: VisionSelector = inner.visionselector
+    budget = kwargs.pop(BUDGET_KEYWORD, None)
+    if budget is None:
+        budget = selector.__dict__.pop("_pending_budget", None)
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if kwargs.get("cache_position") is None and input_ids is not None:
+        # A decode loop that leaves cache_position to the model: the model would count it
+        # from the pruned cache; the caller's sequence is longer.
+        position = selector.full_cache_position(kwargs.get("past_key_values"), input_ids.shape[1], input_ids.device)
+        if position is not None:
+            kwargs["cache_position"] = position
+    if not any(kwargs.get(name) is not None for name in adapter.visual_inputs):
+        selector.begin_call(None, None, None)
+        return args, kwargs
+    if input_ids is None:
+        raise ValueError("VisionSelector finds the visual tokens in input_ids: pass input_ids, not inputs_embeds")
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        raise ValueError("VisionSelector needs a 2-D attention_mask [B, L] (or None)")
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token, _ in adapter.placeholders(inner.config).values():
+        visual |= input_ids == token
+    if attention_mask is not None:
+        visual &= attention_mask.bool()
+    ids, items = None, 0
+    if selector.scope == "image":
+        ids, items = image_ids(adapter, inner, input_ids, kwargs)
+    selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training)
+    return args, kwargs
+
+
+def _inner_post_hook(inner, args, output):
+    return attach_selection(output, inner.visionselector.end_call())
+
+
+def _language_model_pre_hook(language_model, args, kwargs):
+    if args:
+        raise TypeError("the VisionSelector patch expects the language model to be called with keywords")
+    return args, language_model.visionselector.language_model_inputs(kwargs, language_model.config)
+
+
+def _top_pre_hook(model, args, kwargs):
+    selector: VisionSelector = model.visionselector
+    budget = kwargs.pop(BUDGET_KEYWORD, None)
+    if budget is not None:
+        selector.__dict__["_pending_budget"] = budget
+    labels = kwargs.get("labels")
+    # Pruned logits no longer line up with the labels: the loss is computed after the forward
+    # on the labels of the kept tokens.
+    if labels is not None and not model.training:
+        if kwargs.get("return_dict") is False:
+            raise ValueError("with labels in eval mode the VisionSelector patch needs return_dict=True")
+        selector.__dict__["_pending_labels"] = kwargs.pop("labels")
+    return args, kwargs
+
+
+def _top_post_hook(model, args, output):
+    selector: VisionSelector = model.visionselector
+    selection = selector.last
+    labels = selector.__dict__.pop("_pending_labels", None)
+    if labels is not None and hasattr(output, "logits"):
+        vocab = model.config.get_text_config().vocab_size
+        loss = causal_lm_loss(model.loss_function, output.logits, labels, selection, vocab)
+        output = type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+    return attach_selection(output, selection)

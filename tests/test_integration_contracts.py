@@ -1,0 +1,502 @@
+"""The integration contract, for every registered model (tests/model_setups.py): tiny random
+models from configs, against the unpatched model.
+
+budget 1.0 = unpatched; pruned logits = the unpatched language model fed by hand with the kept
+tokens at their original positions; padded batch generate = each sample alone; a decode step on
+the pruned cache = a fresh prefill; packed = padded; apply/revert restore the model; the scorer
+loads through from_pretrained in every published key layout.
+
+CI runs this file under the current transformers 5.x and the last 4.x line (4.57); LLaVA-OV-1.5
+runs on 4.57 only.
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import vsops  # noqa: E402
+from vsops.integrations import (  # noqa: E402
+    apply_visionselector,
+    from_pretrained,
+    is_visionselector_applied,
+    register_reference_varlen_attention,
+    revert_visionselector,
+)
+from vsops.integrations.testing import TOKENS  # noqa: E402
+
+from model_setups import SETUPS  # noqa: E402
+
+# Sample 0: text, an image (16 tokens), text. Sample 1: text, an image (8), a video (2 frames of
+# 8 tokens), text. Sample 2: text only. Left padding.
+PROMPTS = [
+    [3, ("image", 8, 8), 4],
+    [2, ("image", 4, 8), ("video", 4, 4, 4), 5],
+    [9],
+]
+SCORER_KEYS = {f"{p}.{w}" for p in ("q_proj", "k_proj") for w in ("weight", "bias")}
+
+
+@pytest.fixture(params=SETUPS, ids=[s.name for s in SETUPS])
+def setup(request):
+    if request.param.skip:
+        pytest.skip(request.param.skip)
+    return request.param
+
+
+def scorer_of(model):
+    return model.model.visual.importance_scorer
+
+
+def randomize_scorer(model, seed=3):
+    """Published init is std 1e-4: scores that near-tie. Larger weights give a clear ranking."""
+    g = torch.Generator().manual_seed(seed)
+    for p in scorer_of(model).parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g))
+
+
+def patched(model, **settings):
+    patched_model = copy.deepcopy(model)
+    apply_visionselector(patched_model, **settings)
+    randomize_scorer(patched_model)
+    return patched_model
+
+
+def visual_mask(batch):
+    return (batch["input_ids"] == TOKENS["image"]) | (batch["input_ids"] == TOKENS["video"])
+
+
+def capture_language_model_inputs(model, batch, rows):
+    """inputs_embeds and rope positions ``[rows, B, L]`` the unpatched model hands its language model."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], positions=kwargs.get("position_ids"))
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    handle.remove()
+    positions = seen["positions"]
+    b, length = batch["input_ids"].shape
+    if positions is None:
+        positions = torch.arange(length).expand(rows, b, length)
+    elif positions.dim() == 2:
+        positions = positions.unsqueeze(0)
+    return seen["embeds"], positions[-rows:].expand(rows, b, length)
+
+
+def reference_keep(model, embeds, batch, budget, scope="sample"):
+    """Top-k of Eq. 2 computed with the N x N matrix, per sample (or per image: a run of
+    consecutive placeholders), ties to the lower index."""
+    scorer = scorer_of(model)
+    visual = visual_mask(batch)
+    keep = ~visual & batch["attention_mask"].bool()
+    for b in range(visual.shape[0]):
+        where = visual[b].nonzero().squeeze(1)
+        if where.numel() == 0:
+            continue
+        if scope == "image":
+            runs = torch.tensor_split(where, (where.diff() != 1).nonzero().squeeze(1) + 1)
+        else:
+            runs = [where]
+        for run in runs:
+            _keep_top(keep[b], run, embeds[b, run], scorer, budget)
+    return keep
+
+
+def _keep_top(keep, where, x, scorer, budget):
+    """Sets ``keep`` at the top ``budget_to_k`` of the tokens ``where`` (embeddings ``x``)."""
+    x = x.double()
+    q = x @ scorer.q_proj.weight.double().T + scorer.q_proj.bias.double()
+    k = x @ scorer.k_proj.weight.double().T + scorer.k_proj.bias.double()
+    scores = (q @ k.T / math.sqrt(q.shape[1])).mean(1)
+    kept = vsops.budget_to_k(where.numel(), budget)
+    order = sorted(range(where.numel()), key=lambda i: (-scores[i].item(), i))[:kept]
+    keep[where[order]] = True
+
+
+def test_the_patch_is_active_and_named_by_the_model_type(setup):
+    model = setup.make_model()
+    selector = apply_visionselector(model, budget=0.25)
+    assert is_visionselector_applied(model) and model.visionselector is selector
+    assert selector.position_rows == vsops.integrations.adapter_for(model.config.model_type).position_rows
+    assert vsops.integrations.adapter_for(setup.name) is vsops.integrations.adapter_for(model.config.model_type)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_budget_one_gives_the_unpatched_logits(setup, attn):
+    model = setup.make_model(attn)
+    batch = setup.make_batch(PROMPTS)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        out = patched(model, budget=1.0)(**batch)
+    real = batch["attention_mask"].bool()
+    # Every token is kept; the caller's padding is dropped and re-added on the left.
+    torch.testing.assert_close(out.visionselector.keep, real, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits[real], expected[real], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pruned_logits_equal_the_language_model_fed_by_hand(setup, attn):
+    model = setup.make_model(attn)
+    batch = setup.make_batch(PROMPTS)
+    budget = 0.25
+    pmodel = patched(model, budget=budget)
+    with torch.no_grad():
+        out = pmodel(**batch)
+    rows = pmodel.visionselector.position_rows
+    embeds, positions = capture_language_model_inputs(model, batch, rows)
+    keep = out.visionselector.keep
+    torch.testing.assert_close(keep, reference_keep(pmodel, embeds, batch, budget), rtol=0, atol=0)
+    real = batch["attention_mask"].bool()
+    assert out.logits.shape[1] < batch["input_ids"].shape[1]
+    for b in range(keep.shape[0]):
+        chosen = keep[b] & real[b]
+        n = int(chosen.sum())
+        with torch.no_grad():
+            # With an attention mask: without one, transformers reads the gaps in the kept
+            # tokens' positions as the starts of packed sequences.
+            hidden = model.model.language_model(
+                inputs_embeds=embeds[b, chosen][None],
+                position_ids=setup.lm_positions(positions[:, b, chosen]),
+                attention_mask=torch.ones(1, n, dtype=torch.long),
+                use_cache=False,
+            ).last_hidden_state
+            by_hand = model.lm_head(hidden)[0]
+        torch.testing.assert_close(out.logits[b, -n:], by_hand, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, [[2, ("video", 4, 4, 4), ("image", 4, 4), 5], [3, ("image", 8, 8), 4]]],
+                         ids=["image-then-video", "video-then-image"])
+def test_scope_image_keeps_a_budget_per_image(setup, prompts):
+    model = setup.make_model()
+    batch = setup.make_batch(prompts)
+    pmodel = patched(model, budget=0.25, scope="image")
+    with torch.no_grad():
+        out = pmodel(**batch)
+    keep, ids = out.visionselector.keep, batch["input_ids"]
+    embeds, _ = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
+    torch.testing.assert_close(keep, reference_keep(pmodel, embeds, batch, 0.25, scope="image"), rtol=0, atol=0)
+    image, video = ids == TOKENS["image"], ids == TOKENS["video"]
+    # A sample with an image of 8 tokens and a video of 8 keeps 2 of each, not 4 of the union.
+    for b in range(len(prompts)):
+        for mask in (image[b], video[b]):
+            n = int(mask.sum())
+            assert int((keep[b] & mask).sum()) == (vsops.budget_to_k(n, 0.25) if n else 0)
+    assert out.visionselector.lengths == keep.sum(1).tolist()
+
+
+def test_greedy_generate_on_a_padded_batch_equals_each_sample_alone(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    prompts = setup.generate_prompts
+    batch = setup.make_batch(prompts)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=TOKENS["pad"], eos_token_id=None)
+    together = model.generate(**batch, **kwargs)[:, -6:]
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(**setup.make_batch([prompt], seed=1 + i), **kwargs)[:, -6:]
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=0)
+
+
+def test_generate_at_budget_one_equals_the_unpatched_model(setup):
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS[:2])
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=TOKENS["pad"], eos_token_id=None)
+    expected = model.generate(**batch, **kwargs)
+    torch.testing.assert_close(patched(model, budget=1.0).generate(**batch, **kwargs), expected, rtol=0, atol=0)
+
+
+def extend(batch, token):
+    """The batch with one more text token per sample."""
+    out = dict(batch, input_ids=torch.cat([batch["input_ids"], token], 1))
+    out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
+    if "mm_token_type_ids" in batch:
+        out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(token, dtype=torch.int32)], 1)
+    return out
+
+
+def test_a_decode_step_on_the_pruned_cache_equals_a_fresh_prefill(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    batch = setup.make_batch(setup.generate_prompts)
+    with torch.no_grad():
+        prefill = model(**batch)
+    cache, kept = prefill.past_key_values, prefill.logits.shape[1]
+    assert cache.get_seq_length() == kept < batch["input_ids"].shape[1]
+    token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    longer = extend(batch, token)
+    step = {k: v for k, v in longer.items() if not k.startswith("pixel") and not k.endswith("grid_thw")}
+    step.update(input_ids=token, past_key_values=cache)
+    position = setup.decode_positions(model, longer, token)
+    if position is not None:
+        step["position_ids"] = position
+    with torch.no_grad():
+        decoded = model(**step).logits[:, -1]
+        fresh = model(**longer).logits[:, -1]
+    assert cache.get_seq_length() == kept + 1
+    torch.testing.assert_close(decoded, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_path_equals_padded_path(setup):
+    name = register_reference_varlen_attention()
+    padded_model = patched(setup.make_model("sdpa"), budget=0.25)
+    packed_model = copy.deepcopy(padded_model)
+    packed_model.set_attn_implementation(name)
+    packed_model.visionselector.packed = True
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        padded = padded_model(**batch, labels=labels, use_cache=False)
+        packed = packed_model(**batch, labels=labels, use_cache=False)
+    selection = packed.visionselector
+    assert selection.cu_seqlens is not None and packed.logits.shape[0] == 1
+    counts = selection.cu_seqlens.diff().tolist()
+    assert counts == [int(n) for n in (selection.keep.sum(1))]
+    rows = torch.split(packed.logits[0], counts)
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(row, padded.logits[b, -counts[b]:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_loss_uses_the_labels_of_the_kept_tokens(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        out = model(**batch, labels=labels, use_cache=False)
+    keep = out.visionselector.keep
+    losses = []
+    for b in range(keep.shape[0]):
+        n = int(keep[b].sum())
+        kept = labels[b, keep[b]]
+        losses.append(torch.nn.functional.cross_entropy(out.logits[b, -n:-1], kept[1:], reduction="none"))
+    expected = torch.cat(losses)[torch.cat([labels[b, keep[b]][1:] for b in range(keep.shape[0])]) != -100].mean()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_mask_gradients_reach_the_scorer_and_nothing_else(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("importance_scorer" in name)
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels)
+    assert out.logits.shape[:2] == batch["input_ids"].shape  # every token stays in training
+    selection = out.visionselector
+    visual = visual_mask(batch)
+    soft = selection.soft_mask
+    assert torch.equal(soft[~visual], torch.ones_like(soft[~visual]))
+    for b, n in enumerate(visual.sum(1).tolist()):
+        expected = float(vsops.budget_to_k(n, 0.25)) if n else 0.0
+        torch.testing.assert_close(soft[b][visual[b]].sum().item(), expected, rtol=1e-4, atol=1e-4)
+    (out.loss + 0.5 * out.constraint_loss).backward()
+    for name, p in model.named_parameters():
+        if "importance_scorer" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_constraint_loss_is_bce_of_soft_against_hard(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    model.train()
+    out = model(**setup.make_batch(PROMPTS))
+    selection = out.visionselector
+    visual = selection.soft_mask != 1
+    soft = selection.soft_mask[visual]
+    hard = torch.zeros_like(soft)
+    # the hard mask is the top k of each sample's soft mask (the soft mask is monotone in the score)
+    start = 0
+    for b in range(visual.shape[0]):
+        n = int(visual[b].sum())
+        if n:
+            top = soft[start : start + n].topk(vsops.budget_to_k(n, 0.25)).indices
+            hard[start + top] = 1
+        start += n
+    assert torch.equal(selection.hard_mask[visual], hard.bool())
+    expected = torch.nn.functional.binary_cross_entropy(soft.double(), hard.double()).float()
+    torch.testing.assert_close(out.constraint_loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_text_only_batches_pass_through(setup):
+    model = setup.make_model()
+    batch = setup.make_batch([[7], [4]])
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = model(**batch).logits
+        out = patched(model, budget=0.1)(**batch)
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
+
+
+def test_budget_per_call_and_on_the_model(setup):
+    model = patched(setup.make_model(), budget=0.5)
+    batch = setup.make_batch(PROMPTS[:1])
+    with torch.no_grad():
+        by_model = model(**batch).logits.shape[1]
+        by_call = model(**batch, visionselector_budget=0.25).logits.shape[1]
+        model.visionselector.budget = 0.25
+        by_setting = model(**batch).logits.shape[1]
+        model.visionselector.budget = 0.5
+        with model.visionselector.using(budget=0.25):
+            by_context = model(**batch).logits.shape[1]
+    length = batch["input_ids"].shape[1]
+    assert (by_model, by_call, by_setting, by_context) == (length - 8, length - 12, length - 12, length - 12)
+    assert model.visionselector.budget == 0.5
+
+
+def test_apply_and_revert_on_an_instance(setup):
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    keys_before = set(model.state_dict())
+    selector = apply_visionselector(model, budget=0.25)
+    assert is_visionselector_applied(model) and model.visionselector is selector
+    assert {f"model.visual.importance_scorer.{k}" for k in SCORER_KEYS} == set(model.state_dict()) - keys_before
+    with torch.no_grad():
+        assert model(**batch).logits.shape[1] < expected.shape[1]  # the patch is active
+    revert_visionselector(model)
+    assert not is_visionselector_applied(model) and set(model.state_dict()) == keys_before
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not carry"):
+        revert_visionselector(model)
+
+
+def test_bad_input_gives_clear_errors(setup):
+    model = setup.make_model()
+    with pytest.raises(ValueError, match="budget"):
+        apply_visionselector(model, budget=0.0)
+    with pytest.raises(ValueError, match="scope"):
+        apply_visionselector(model, scope="frame")
+    with pytest.raises(TypeError, match="transformers model"):
+        apply_visionselector(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="does not match"):
+        apply_visionselector(model, model_type=[s.name for s in SETUPS if s.name != setup.name][0])
+    assert not is_visionselector_applied(model)
+    apply_visionselector(model, budget=0.5)
+    batch = setup.make_batch(PROMPTS[:1])
+    with pytest.raises(ValueError, match="visionselector_budget"):
+        model(**batch, visionselector_budget=1.5)
+    with pytest.raises(ValueError, match="budget"):
+        model.visionselector.budget = -1
+    embeds = model.model.get_input_embeddings()(batch["input_ids"])
+    no_ids = {k: v for k, v in batch.items() if k != "input_ids"}
+    with pytest.raises(ValueError, match="input_ids"):
+        model(**no_ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="packed=True"):
+        model.visionselector.packed = True
+        model(**batch, use_cache=False)
+
+
+def test_outputs_survive_a_pytree_round_trip(setup):
+    # DistributedDataParallel and torch.compile rebuild outputs from their pytree: the
+    # selection must be a field of the output class, not a loose key.
+    import pickle
+
+    from torch.utils import _pytree as pytree
+
+    model = patched(setup.make_model(), budget=0.25)
+    for training in (False, True):
+        model.train(training)
+        out = model(**setup.make_batch(PROMPTS))
+        leaves, spec = pytree.tree_flatten(out)
+        rebuilt = pytree.tree_unflatten(leaves, spec)
+        assert type(rebuilt) is type(out) and rebuilt.visionselector is out.visionselector
+        assert (rebuilt.constraint_loss is not None) == training
+        assert type(pickle.loads(pickle.dumps(out))) is type(out)
+
+
+# -- from_pretrained ---------------------------------------------------------------------------
+
+
+def save_checkpoint(model, directory, *, prefix="model.visual.importance_scorer.", shards=1, scorer=True):
+    """``model``'s weights as safetensors in ``directory`` beside its config (and remote code),
+    the scorer under ``prefix``; ``shards`` > 1 writes a sharded index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model.save_pretrained(directory)  # config.json and, for remote code, the code files
+    for name in list(directory.glob("*.safetensors")) + list(directory.glob("*.index.json")):
+        name.unlink()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "importance_scorer" not in k}
+    if scorer:
+        state.update({prefix + k: v.contiguous() for k, v in scorer_of(model).state_dict().items()})
+    keys = sorted(state)
+    if shards == 1:
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i in range(shards):
+        part = {k: state[k] for k in keys[i::shards]}
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    "prefix, shards",
+    [("model.visual.importance_scorer.", 1), ("visual.importance_scorer.", 1), ("model.visual.importance_scorer.", 3)],
+    ids=["model.visual", "visual", "sharded"],
+)
+def test_from_pretrained_loads_the_scorer_in_every_published_layout(setup, tmp_path, prefix, shards):
+    source = patched(setup.make_model(), budget=0.2)
+    save_checkpoint(source, tmp_path, prefix=prefix, shards=shards)
+    model = from_pretrained(tmp_path, budget=0.25, scope="image", trust_remote_code=True)
+    assert model.visionselector.budget == 0.25 and model.visionselector.scope == "image"
+    expected = scorer_of(source).state_dict()
+    for k, v in scorer_of(model).state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+    batch = setup.make_batch(PROMPTS)
+    source.visionselector.scope = "image"
+    source.visionselector.budget = 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).visionselector.keep, source(**batch).visionselector.keep)
+
+
+def test_from_pretrained_without_a_scorer(setup, tmp_path):
+    save_checkpoint(setup.make_model(), tmp_path, scorer=False)
+    with pytest.raises(ValueError, match="allow_missing_scorer"):
+        from_pretrained(tmp_path, trust_remote_code=True)
+    model = from_pretrained(tmp_path, allow_missing_scorer=True, trust_remote_code=True)
+    weight = scorer_of(model).q_proj.weight
+    # the published init (std 1e-4), not the model's initializer_range (0.02)
+    assert 0.5e-4 < weight.std().item() < 2e-4 and torch.all(scorer_of(model).q_proj.bias == 0)
+
+
+def test_from_pretrained_refuses_a_scorer_of_other_shapes(setup, tmp_path):
+    source = setup.make_model()
+    apply_visionselector(source, proj_dim=8)
+    save_checkpoint(source, tmp_path)
+    assert scorer_of(from_pretrained(tmp_path, trust_remote_code=True)).proj_dim == 8  # the checkpoint's size
+    hidden = scorer_of(source).hidden_size
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.visual.importance_scorer.q_proj.weight"] = torch.zeros(8, hidden + 1)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="q_proj.weight"):
+        from_pretrained(tmp_path, trust_remote_code=True)
+    state["model.visual.importance_scorer.q_proj.weight"] = torch.zeros(8, hidden)
+    state["model.visual.importance_scorer.k_proj.weight"] = torch.zeros(9, hidden)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="k_proj.weight"):
+        from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_an_unknown_model_type_is_a_clear_error(tmp_path):
+    import json
+
+    from vsops.integrations import adapter_for
+
+    with pytest.raises(ValueError, match="no VisionSelector adapter for model_type 'llama'"):
+        adapter_for("llama")
+    with pytest.raises(ValueError, match="model_type"):
+        apply_visionselector(model_type="llama")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="'llama'"):
+        from_pretrained(tmp_path)
