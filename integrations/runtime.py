@@ -22,7 +22,15 @@ import torch
 
 from vsops.budget import budget_to_k, check_budget
 from vsops.difftopk import constraint_loss, difftopk
-from vsops.varlen import SCOPES, kept_counts, select_and_pack, select_and_pad, select_visual_tokens, unpack
+from vsops.varlen import (
+    SCOPES,
+    cu_seqlens_from_counts,
+    kept_counts,
+    select_and_pack,
+    select_and_pad,
+    select_visual_tokens,
+    unpack,
+)
 
 __all__ = ["VisionSelector", "Selection", "VARLEN_ATTENTION", "register_varlen_attention"]
 
@@ -263,9 +271,7 @@ class VisionSelector:
             return kwargs
         visual = select_and_pack(call.visual_mask, embeds, counts=counts.visual)
         segments = counts.segments()
-        cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(segments).cumsum(0)
-        cu = cu.to(embeds.device)
+        cu = cu_seqlens_from_counts(segments, embeds.device)
         scores = self._score(visual.tensors[0], cu)
         b, length = call.visual_mask.shape
         keep = select_visual_tokens(

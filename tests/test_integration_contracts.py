@@ -488,15 +488,31 @@ def test_from_pretrained_refuses_a_scorer_of_other_shapes(setup, tmp_path):
         from_pretrained(tmp_path, trust_remote_code=True)
 
 
-def test_an_unknown_model_type_is_a_clear_error(tmp_path):
+def test_registry_errors_name_what_is_wrong(tmp_path):
     import json
 
-    from vsops.integrations import adapter_for
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vsops.integrations import adapter_for, apply_visionselector_to_llava_ov_1_5
 
     with pytest.raises(ValueError, match="no VisionSelector adapter for model_type 'llama'"):
         adapter_for("llama")
     with pytest.raises(ValueError, match="model_type"):
         apply_visionselector(model_type="llama")
+    with pytest.raises(ValueError, match="give the model to patch, or model_type"):
+        apply_visionselector()
+    # a model no adapter knows
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    with pytest.raises(ValueError, match="'llama'"):
+        apply_visionselector(llama)
+    # remote code has no classes to patch before loading
+    with pytest.raises(ValueError, match="remote code"):
+        apply_visionselector(model_type="llavaonevision1_5")
+    with pytest.raises(ValueError, match="from_pretrained"):
+        apply_visionselector_to_llava_ov_1_5(None)
+    with pytest.raises(ValueError, match="method"):
+        from_pretrained(tmp_path, method="fastv")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="'llama'"):
         from_pretrained(tmp_path)

@@ -278,3 +278,12 @@ def test_missing_lmms_engine_names_the_install(monkeypatch):
 def test_model_dir_refuses_transformers_5(tmp_path):
     with pytest.raises(ImportError, match="needs transformers 4.x"):
         llava_ov_1_5_model_dir(tmp_path / "tiny_llava_ov_1_5")
+
+
+@pytest.mark.skipif(MODEL_SKIP is None, reason="this install can build the model")
+def test_the_prefill_benchmark_refuses_it_where_it_cannot_run():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "vsops.cli", "bench", "--op", "prefill", "--model", "llava_ov_1_5"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--model llava_ov_1_5" in done.stderr and "Traceback" not in done.stderr

@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
         info()
     else:
+        if args.model == "llava_ov_1_5":
+            from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason
+
+            if unavailable_reason():
+                parser.error(f"--model llava_ov_1_5: {unavailable_reason()}")
         if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
             os.environ["GLIBC_TUNABLES"] = BENCH_MALLOC_TUNABLES
             command = sys.argv[1:] if argv is None else argv

@@ -30,6 +30,7 @@ __all__ = [
     "select_and_pad",
     "unpack",
     "kept_counts",
+    "cu_seqlens_from_counts",
     "PackedBatch",
     "PaddedBatch",
 ]
@@ -273,7 +274,9 @@ def _pack(keep, tensors, counts):
     return leading, counts, indices, packed
 
 
-def _cu_seqlens(counts: list[int], device) -> torch.Tensor:
+def cu_seqlens_from_counts(counts: Sequence[int], device) -> torch.Tensor:
+    """int32 ``[len(counts) + 1]`` offsets of consecutive segments of the host ``counts``, on
+    ``device``: no host sync (the copy to a GPU is asynchronous, from pinned memory)."""
     cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
     if device.type == "cpu":
@@ -305,7 +308,7 @@ def select_and_pack(keep: torch.Tensor, *tensors: torch.Tensor, counts: Sequence
     outputs = tuple(_from_rows(p, t, lead, total, ()) for p, t, lead in zip(packed, tensors, leading))
     return PackedBatch(
         tensors=outputs,
-        cu_seqlens=_cu_seqlens(counts, keep.device),
+        cu_seqlens=cu_seqlens_from_counts(counts, keep.device),
         max_seqlen=max(counts, default=0),
         indices=indices,
         batch=b,
