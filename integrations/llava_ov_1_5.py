@@ -47,6 +47,7 @@ def apply_visionselector_to_llava_ov_1_5(
     scope: str = "sample",
     proj_dim: int | None = None,
     packed: bool | None = None,
+    method=None,
 ) -> VisionSelector:
     """Puts VisionSelector into a loaded LLaVA-OneVision-1.5
     (``LLaVAOneVision1_5_ForConditionalGeneration`` or its ``LLaVAOneVision1_5_Model``):
@@ -56,4 +57,4 @@ def apply_visionselector_to_llava_ov_1_5(
         ADAPTER.classes()  # the error that says why, and what to do instead
     ADAPTER.split(model)
     return apply_visionselector(model, model_type=ADAPTER.name, budget=budget, scope=scope, proj_dim=proj_dim,
-                                packed=packed)
+                                packed=packed, method=method)

@@ -15,7 +15,6 @@ __all__ = ["from_pretrained", "SCORER_PREFIXES", "scorer_weights", "read_scorer_
 # Qwen2.5-VL's published checkpoints (transformers 4.50 layout) and LLaVA-OneVision-1.5's
 # (and every checkpoint saved by transformers 4.52+).
 SCORER_PREFIXES = ("visual.importance_scorer.", "model.visual.importance_scorer.")
-_METHODS = ("visionselector",)
 
 
 def scorer_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,7 +64,7 @@ def from_pretrained(
     *,
     budget: float = 0.2,
     scope: str = "sample",
-    method: str | None = None,
+    method=None,
     packed: bool | None = None,
     allow_missing_scorer: bool = False,
     **hf_kwargs,
@@ -82,25 +81,28 @@ def from_pretrained(
     Args:
         path: a checkpoint directory (or hub id).
         budget, scope, packed: see :func:`vsops.integrations.apply_visionselector`.
-        method: the selection method; None or ``"visionselector"`` (the learned scorer).
+        method: the selection method (a name of :func:`vsops.methods.available` or a
+            :class:`~vsops.methods.SelectionMethod`); None: the learned scorer. A
+            training-free method needs no scorer in the checkpoint.
         allow_missing_scorer: load a checkpoint without scorer weights, with the scorer
             initialized as published (normal, std 1e-4; biases 0) for training; otherwise such
-            a checkpoint is a ValueError.
+            a checkpoint is a ValueError when the learned scorer selects.
 
     Returns:
         The model (eval mode, as transformers loads it), with ``model.visionselector``.
     """
     from transformers import AutoConfig
 
-    if method is not None and method not in _METHODS:
-        raise ValueError(f"method must be None or one of {_METHODS}, got {method!r}")
+    from vsops.methods import method_class
+
+    learned = method is None or (method_class(method) if isinstance(method, str) else type(method)).trainable
     if not isinstance(allow_missing_scorer, bool):
         raise TypeError(f"allow_missing_scorer must be a bool, got {type(allow_missing_scorer).__name__}")
     hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
     config = AutoConfig.from_pretrained(path, trust_remote_code=hf_kwargs.get("trust_remote_code", False), **hub)
     adapter = adapter_for(config.model_type)
     weights = read_scorer_weights(path, **hub)
-    if not weights and not allow_missing_scorer:
+    if not weights and learned and not allow_missing_scorer:
         raise ValueError(
             f"{path} holds no scorer weights (keys under {SCORER_PREFIXES}); pass allow_missing_scorer=True "
             "to start from a freshly initialized scorer"
@@ -115,7 +117,8 @@ def from_pretrained(
             f"the checkpoint's scorer takes {weights['q_proj.weight'].shape[1]}-dim tokens but the model's "
             f"merger emits {hidden}: q_proj.weight is {tuple(weights['q_proj.weight'].shape)}"
         )
-    scorer = attach(adapter, model, dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed)).scorer
+    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed, method=method)
+    scorer = attach(adapter, model, settings).scorer
     if weights:
         _load_checked(scorer, weights)
     else:

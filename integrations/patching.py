@@ -34,6 +34,7 @@ def apply_visionselector(
     scope: str = "sample",
     proj_dim: int | None = None,
     packed: bool | None = None,
+    method=None,
 ) -> VisionSelector | None:
     """Puts VisionSelector into ``model``, whichever registered model family it is.
 
@@ -49,6 +50,10 @@ def apply_visionselector(
             checkpoints were trained) or ``"image"`` (one per image or video).
         proj_dim: the scorer's projection size (default: hidden size // 2, as published).
         packed: see :class:`~vsops.integrations.runtime.VisionSelector`.
+        method: the selection method, a name of :func:`vsops.methods.available` or a
+            :class:`~vsops.methods.SelectionMethod`; None: the learned scorer
+            (``"visionselector"``). The scorer is attached whichever method selects, so that
+            the model's keys stay those of the checkpoints.
 
     Returns:
         The model's :class:`~vsops.integrations.runtime.VisionSelector` (also
@@ -61,8 +66,8 @@ def apply_visionselector(
     ``constraint_loss``. Outputs carry ``visionselector`` (a
     :class:`~vsops.integrations.runtime.Selection`).
     """
-    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed)
-    VisionSelector(None, budget=budget, scope=scope, packed=packed)  # validates the settings now
+    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed, method=method)
+    VisionSelector(None, budget=budget, scope=scope, packed=packed, method=method)  # validates the settings now
     if model is None:
         if model_type is None:
             raise ValueError("give the model to patch, or model_type to patch its classes")
@@ -182,6 +187,7 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
     selector = getattr(inner, "visionselector", None)
     if isinstance(selector, VisionSelector):
         selector.budget, selector.scope, selector.packed = settings["budget"], settings["scope"], settings["packed"]
+        selector.method = settings["method"]
         return selector
     selector = VisionSelector(
         scorer,
@@ -189,6 +195,7 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
         scope=settings["scope"],
         packed=settings["packed"],
         position_rows=adapter.position_rows,
+        method=settings["method"],
     )
     language_model = adapter.language_model(inner)
     selector.hooks = [

@@ -66,12 +66,13 @@ def apply_visionselector_to_qwen2_5_vl(
     scope: str = "sample",
     proj_dim: int | None = None,
     packed: bool | None = None,
+    method=None,
 ) -> VisionSelector | None:
     """Puts VisionSelector into Qwen2.5-VL: :func:`vsops.integrations.apply_visionselector`
     for a ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2_5_VLModel``, or with None for the
     transformers classes, so that every model created afterwards (``from_pretrained``
     included) carries the selector. Kept tokens keep their original 3-D rope positions."""
-    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed)
+    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed, method=method)
     if model is None:
         return apply_visionselector(None, model_type=ADAPTER.name, **settings)
     ADAPTER.split(model)  # a TypeError naming the classes for any other module

@@ -22,6 +22,8 @@ import torch
 
 from vsops.budget import budget_to_k, check_budget
 from vsops.difftopk import constraint_loss, difftopk
+from vsops.methods import ScoringMethod, SelectionMethod, VisionSelectorMethod, make_method
+from vsops.methods.registry import DEFAULT as DEFAULT_METHOD
 from vsops.varlen import (
     SCOPES,
     cu_seqlens_from_counts,
@@ -121,7 +123,10 @@ class VisionSelector:
     Attributes:
         scorer: the :class:`vsops.LearnableImportanceScorer` (an attribute of the vision tower);
             any module called as ``scorer(x [total, D], cu_seqlens) -> float32 [total]`` may
-            stand in, e.g. the baselines of :mod:`vsops.training.baselines`.
+            stand in.
+        method: the selection method (:mod:`vsops.methods`): ``"visionselector"`` (the learned
+            scorer, the default and the only one with a training mode) or any registered name
+            or :class:`~vsops.methods.SelectionMethod`; may be changed at any time.
         budget: fraction of visual tokens kept, in (0, 1]; may be changed at any time.
         scope: ``"sample"`` (one budget over all visual tokens of a sample, as published) or
             ``"image"`` (one budget per image or video).
@@ -139,10 +144,12 @@ class VisionSelector:
         scope: str = "sample",
         packed: bool | None = None,
         position_rows: int = 1,
+        method=None,
     ):
         if position_rows not in (1, 3):
             raise ValueError(f"position_rows must be 1 or 3, got {position_rows!r}")
         self.scorer = scorer
+        self.method = method
         self.budget = budget
         self.scope = scope
         self.packed = packed
@@ -151,6 +158,19 @@ class VisionSelector:
         self.hooks: list = []  # the integration's hook handles, for reverting
         self._call: _Call | None = None
         self._pruned: _PrunedCache | None = None
+
+    @property
+    def method(self) -> SelectionMethod:
+        if self._method is None:  # the learned scorer, which follows self.scorer
+            return VisionSelectorMethod(self.scorer)
+        return self._method
+
+    @method.setter
+    def method(self, value) -> None:
+        if value is None or value == DEFAULT_METHOD:
+            self._method = None
+        else:
+            self._method = make_method(value)
 
     @property
     def budget(self) -> float:
@@ -181,23 +201,26 @@ class VisionSelector:
         self._packed = value
 
     @contextlib.contextmanager
-    def using(self, *, budget: float | None = None, scope: str | None = None):
+    def using(self, *, budget: float | None = None, scope: str | None = None, method=None):
         """Temporarily other settings, e.g. for one ``generate`` call (which does not pass
         unknown keywords such as ``visionselector_budget`` to the model)::
 
-            with model.visionselector.using(budget=0.1):
+            with model.visionselector.using(budget=0.1, method="divprune"):
                 model.generate(**inputs)
         """
-        saved = self.budget, self.scope
+        saved = self.budget, self.scope, self._method
         try:
             self.budget = saved[0] if budget is None else budget
             self.scope = saved[1] if scope is None else scope
+            if method is not None:
+                self.method = method
             yield self
         finally:
-            self.budget, self.scope = saved
+            self.budget, self.scope, self._method = saved
 
     def __repr__(self) -> str:
-        return f"VisionSelector(budget={self.budget}, scope={self.scope!r}, packed={self.packed})"
+        return (f"VisionSelector(method={self.method.name!r}, budget={self.budget}, scope={self.scope!r}, "
+                f"packed={self.packed})")
 
     # -- per-call protocol -------------------------------------------------------------------
 
@@ -272,18 +295,32 @@ class VisionSelector:
         visual = select_and_pack(call.visual_mask, embeds, counts=counts.visual)
         segments = counts.segments()
         cu = cu_seqlens_from_counts(segments, embeds.device)
-        scores = self._score(visual.tensors[0], cu)
+        k = budget_to_k(torch.tensor(segments), call.budget).to(embeds.device)
+        method = self.method
+        if call.training and not method.trainable:
+            raise ValueError(
+                f"the {method.name!r} method has no training mode: train with the learned scorer "
+                "(method='visionselector'), or put the model in eval mode"
+            )
         b, length = call.visual_mask.shape
-        keep = select_visual_tokens(
-            unpack(scores.detach(), visual.indices, b, length),
-            call.visual_mask,
-            call.budget,
-            scope=self.scope,
-            image_index=self._image_index(call) if self.scope == "image" else None,
-        )
-        if call.training:
-            k = budget_to_k(torch.tensor(segments), call.budget).to(embeds.device)
-            return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual)
+        if isinstance(method, ScoringMethod):
+            scores = method.score(visual.tensors[0], cu)
+            keep = select_visual_tokens(
+                unpack(scores.detach(), visual.indices, b, length),
+                call.visual_mask,
+                call.budget,
+                scope=self.scope,
+                image_index=self._image_index(call) if self.scope == "image" else None,
+            )
+            if call.training:
+                return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual)
+        else:
+            chosen = method.select(visual.tensors[0], k, cu)
+            keep = unpack(chosen.keep, visual.indices, b, length).bool() | ~call.visual_mask
+            if chosen.embeds is not None:
+                # The method's embeddings take the kept tokens' places before the gather.
+                rows = embeds.reshape(b * length, -1).index_copy(0, visual.indices, chosen.embeds.to(embeds.dtype))
+                kwargs = {**kwargs, "inputs_embeds": rows.view_as(embeds)}
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
         return self._pruned_inputs(kwargs, config, keep, counts.kept(call.budget))
@@ -318,12 +355,6 @@ class VisionSelector:
         ids = call.image_ids
         first = ids.masked_fill(ids < 0, call.items).amin(1, keepdim=True)
         return torch.where(call.visual_mask, ids - first, -1)
-
-    def _score(self, x, cu):
-        """Scores of the packed visual tokens ``x [n, D]`` in segments ``cu``: float32 ``[n]``."""
-        # The scorer's own dtype (a parameter-free baseline scorer takes the model's).
-        weight = next(self.scorer.parameters(), None)
-        return self.scorer(x if weight is None else x.to(weight.dtype), cu)
 
     def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, keep, visual) -> dict:
         soft = difftopk(scores, k, cu_seqlens=cu)

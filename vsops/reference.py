@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "divprune_keep",
     "difftopk_forward",
     "difftopk_backward",
     "topk_mask",
@@ -310,3 +311,54 @@ def varlen_unpack(packed: torch.Tensor, indices: torch.Tensor, rows: int, fill: 
     """The inverse: ``[rows, R]`` with packed row j at ``indices[j]`` and ``fill`` elsewhere."""
     out = torch.full((rows, packed.shape[1]), fill, dtype=packed.dtype, device=packed.device)
     return out.index_copy_(0, indices, packed)
+
+
+# Rows of a similarity tile: about 16M elements whatever the segment length, so the
+# nearest-neighbour pass never holds the n x n matrix (a 50,000-token video needs 64 MB of tile).
+_DIVPRUNE_TILE_ELEMENTS = 1 << 24
+
+
+def _divprune_argmax(values: torch.Tensor, picked: torch.Tensor) -> int:
+    """The first index of the largest value among tokens not yet picked; NaN ranks below every
+    number, picked tokens below NaN."""
+    key = torch.where(torch.isnan(values), torch.full_like(values, -torch.finfo(values.dtype).max), values)
+    return int(torch.where(picked, torch.full_like(key, float("-inf")), key).argmax())
+
+
+def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """DivPrune's max-min diverse subset of each segment: bool ``[total]``.
+
+    Per segment of ``x [total, D]`` (rows L2-normalized in float32, float64 for float64
+    input; a zero row stays zero, at distance 1 from everything), with cosine distance
+    ``d(i, j) = 1 - x_i . x_j``: the first pick is the token whose nearest other token is
+    farthest; each next pick is the unpicked token whose distance to the nearest picked one is
+    largest; ``k[s]`` picks. Ties go to the lower index. Memory O(n D + n) per segment: the
+    nearest-neighbour pass runs over row tiles, the greedy passes keep one distance vector.
+    """
+    dtype = state_dtype_for(x.dtype)
+    keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    bounds = cu_seqlens.tolist()
+    for start, end, count in zip(bounds[:-1], bounds[1:], k.tolist()):
+        n = end - start
+        if count == n:
+            keep[start:end] = True
+            continue
+        if count == 0:
+            continue
+        unit = torch.nn.functional.normalize(x[start:end].to(dtype), dim=-1)
+        nearest = torch.empty(n, dtype=dtype, device=x.device)
+        rows = max(1, _DIVPRUNE_TILE_ELEMENTS // n)
+        for r in range(0, n, rows):
+            similarity = unit[r : r + rows] @ unit.T
+            tile = torch.arange(similarity.shape[0], device=x.device)
+            similarity[tile, r + tile] = float("-inf")  # a token is not its own neighbour
+            nearest[r : r + rows] = 1 - similarity.max(1).values
+        picked = torch.zeros(n, dtype=torch.bool, device=x.device)
+        choice = _divprune_argmax(nearest, picked)
+        distance = torch.full((n,), float("inf"), dtype=dtype, device=x.device)
+        for _ in range(count):
+            picked[choice] = True
+            distance = torch.minimum(distance, 1 - unit @ unit[choice])
+            choice = _divprune_argmax(distance, picked)
+        keep[start:end] = picked
+    return keep

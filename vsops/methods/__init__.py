@@ -1,0 +1,44 @@
+"""Selection methods behind one protocol (kvpress's presses are the model): the learned
+VisionSelector scorer and the training-free selectors it is compared against.
+
+    import vsops.methods
+    vsops.methods.available()                       # ['visionselector', 'divprune', ...]
+    keep = vsops.methods.divprune(x, 64)            # x [N, D] -> bool [N], 64 True
+    keep = vsops.methods.norm(x, k, cu_seqlens=cu)  # packed segments, one k each
+
+In a model: ``apply_visionselector(model, method="divprune", budget=0.1)``, or
+``model.visionselector.using(method="random")``.
+"""
+from vsops.methods.base import VISION_ATTENTION, VISUAL_TOKENS, ScoringMethod, Selected, SelectionMethod
+from vsops.methods.divprune import DivPruneMethod, divprune
+from vsops.methods.registry import available, make_method, method_class, register_method
+from vsops.methods.scoring import (
+    MeanAttentionMethod,
+    NormMethod,
+    RandomMethod,
+    VisionSelectorMethod,
+    mean_attention,
+    norm,
+    random,
+)
+
+__all__ = [
+    "available",
+    "make_method",
+    "method_class",
+    "register_method",
+    "SelectionMethod",
+    "ScoringMethod",
+    "Selected",
+    "VISUAL_TOKENS",
+    "VISION_ATTENTION",
+    "VisionSelectorMethod",
+    "RandomMethod",
+    "NormMethod",
+    "MeanAttentionMethod",
+    "DivPruneMethod",
+    "random",
+    "norm",
+    "mean_attention",
+    "divprune",
+]

@@ -1,0 +1,112 @@
+"""The selection-method protocol: what a method needs, and the keep mask it returns for ``k``
+tokens of each segment of packed visual tokens."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from vsops.difftopk import topk_mask
+
+__all__ = [
+    "VISUAL_TOKENS",
+    "VISION_ATTENTION",
+    "Selected",
+    "SelectionMethod",
+    "ScoringMethod",
+    "segments_of",
+]
+
+# What a method may need. The runtime hands every method the visual tokens entering the
+# language model; methods needing attention inside the vision tower say so.
+VISUAL_TOKENS = "visual_tokens"
+VISION_ATTENTION = "vision_attention"
+
+
+@dataclasses.dataclass
+class Selected:
+    """A method's answer for packed visual tokens.
+
+    Attributes:
+        keep: bool ``[total]``, exactly ``k[s]`` True in segment ``s``.
+        embeds: optionally ``[total, D]``, embeddings that replace those of the kept tokens
+            (e.g. merged contextual tokens); rows of dropped tokens are ignored. None keeps the
+            tokens' own embeddings.
+    """
+
+    keep: torch.Tensor
+    embeds: torch.Tensor | None = None
+
+
+class SelectionMethod:
+    """A rule that keeps ``k[s]`` of the tokens of each segment ``s``.
+
+    Subclasses set ``name`` (the registry key), ``needs`` (what they read; see the constants
+    of this module) and implement :meth:`select`. Only the learned scorer is ``trainable``: in
+    training mode the runtime takes its soft path, which training-free methods do not have.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset({VISUAL_TOKENS})
+    trainable: ClassVar[bool] = False
+
+    def select(self, x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> Selected:
+        """The tokens to keep.
+
+        Args:
+            x: ``[total, D]`` packed visual tokens (any float dtype).
+            k: int64 ``[S]``, tokens to keep per segment, each in ``[0, n_s]``.
+            cu_seqlens: int32 ``[S + 1]`` segment offsets into ``x``.
+        """
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Restarts any random state, so that an evaluation pass is reproducible."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ScoringMethod(SelectionMethod):
+    """A method that rates every token: :meth:`score`, then the hard top-k of each segment
+    (ties to the lower index, NaN below every number)."""
+
+    def score(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """float32 ``[total]`` scores of the packed tokens ``x [total, D]``."""
+        raise NotImplementedError
+
+    def select(self, x, k, cu_seqlens) -> Selected:
+        return Selected(topk_mask(self.score(x, cu_seqlens).detach(), k, cu_seqlens=cu_seqlens))
+
+
+def segments_of(x: torch.Tensor, k, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k int64 [S], cu_seqlens int32 [S + 1])`` on ``x``'s device for the plain functions:
+    ``x [N, D]`` is one segment without ``cu_seqlens``; ``k`` is an int (every segment) or one
+    per segment (a sequence or an integer tensor), each in ``[0, n_s]``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
+        raise TypeError(f"x must be a floating-point tensor [N, D], got {getattr(x, 'dtype', type(x).__name__)} "
+                        f"of shape {tuple(getattr(x, 'shape', ()))}")
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise TypeError("cu_seqlens must be an int32 tensor [S + 1]")
+    lengths = cu_seqlens.diff().cpu()
+    if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[0] or bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to N = {x.shape[0]}, got {cu_seqlens.tolist()}")
+    if isinstance(k, bool) or not isinstance(k, (int, Sequence, torch.Tensor)):
+        raise TypeError(f"k must be an int or one int per segment, got {type(k).__name__}")
+    if isinstance(k, int):
+        k = torch.full((lengths.numel(),), k, dtype=torch.long)
+    elif isinstance(k, torch.Tensor):
+        if k.is_floating_point() or k.dtype == torch.bool or k.dim() != 1:
+            raise TypeError(f"k must be a 1-D integer tensor, got {k.dtype} of shape {tuple(k.shape)}")
+        k = k.cpu().long()
+    else:
+        k = torch.tensor([int(v) for v in k], dtype=torch.long)
+    if k.numel() != lengths.numel():
+        raise ValueError(f"k must have one entry per segment ({lengths.numel()}), got {k.numel()}")
+    if bool(((k < 0) | (k > lengths)).any()):
+        raise ValueError(f"k must be in [0, n] per segment: k = {k.tolist()}, n = {lengths.tolist()}")
+    return k.to(x.device), cu_seqlens

@@ -1,0 +1,39 @@
+"""Selection methods by name."""
+from __future__ import annotations
+
+from vsops.methods.base import SelectionMethod
+
+__all__ = ["register_method", "method_class", "make_method", "available"]
+
+_METHODS: dict[str, type[SelectionMethod]] = {}
+DEFAULT = "visionselector"
+
+
+def register_method(cls: type[SelectionMethod]) -> type[SelectionMethod]:
+    """Class decorator: registers a :class:`SelectionMethod` under its ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, SelectionMethod)) or not cls.name:
+        raise TypeError(f"register_method takes a SelectionMethod subclass with a name, got {cls!r}")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """The registered method names, the learned scorer (``"visionselector"``) first."""
+    return sorted(_METHODS, key=lambda name: (name != DEFAULT, name))
+
+
+def method_class(name: str) -> type[SelectionMethod]:
+    """The registered class of ``name``; ValueError naming the choices otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method name (str) or a SelectionMethod, got {type(name).__name__}")
+    cls = _METHODS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown selection method {name!r}; registered: {available()}")
+    return cls
+
+
+def make_method(method, **kwargs) -> SelectionMethod:
+    """A method instance from a name (built with ``kwargs``) or an instance (returned as is)."""
+    if isinstance(method, SelectionMethod):
+        return method
+    return method_class(method)(**kwargs)
