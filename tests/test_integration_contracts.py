@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("transformers")
 
 import vsops  # noqa: E402
+import vsops.methods  # noqa: E402
 from vsops.integrations import (  # noqa: E402
     apply_visionselector,
     from_pretrained,
@@ -139,19 +140,10 @@ def test_budget_one_gives_the_unpatched_logits(setup, attn):
     torch.testing.assert_close(out.logits[real], expected[real], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_pruned_logits_equal_the_language_model_fed_by_hand(setup, attn):
-    model = setup.make_model(attn)
-    batch = setup.make_batch(PROMPTS)
-    budget = 0.25
-    pmodel = patched(model, budget=budget)
-    with torch.no_grad():
-        out = pmodel(**batch)
-    rows = pmodel.visionselector.position_rows
-    embeds, positions = capture_language_model_inputs(model, batch, rows)
-    keep = out.visionselector.keep
-    torch.testing.assert_close(keep, reference_keep(pmodel, embeds, batch, budget), rtol=0, atol=0)
-    real = batch["attention_mask"].bool()
+def assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions):
+    """``out.logits`` of each sample = the unpatched ``model``'s language model run on the
+    kept tokens' ``embeds`` at their ``positions [R, B, L]``."""
+    keep, real = out.visionselector.keep, batch["attention_mask"].bool()
     assert out.logits.shape[1] < batch["input_ids"].shape[1]
     for b in range(keep.shape[0]):
         chosen = keep[b] & real[b]
@@ -167,6 +159,97 @@ def test_pruned_logits_equal_the_language_model_fed_by_hand(setup, attn):
             ).last_hidden_state
             by_hand = model.lm_head(hidden)[0]
         torch.testing.assert_close(out.logits[b, -n:], by_hand, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pruned_logits_equal_the_language_model_fed_by_hand(setup, attn):
+    model = setup.make_model(attn)
+    batch = setup.make_batch(PROMPTS)
+    budget = 0.25
+    pmodel = patched(model, budget=budget)
+    with torch.no_grad():
+        out = pmodel(**batch)
+    rows = pmodel.visionselector.position_rows
+    embeds, positions = capture_language_model_inputs(model, batch, rows)
+    torch.testing.assert_close(out.visionselector.keep, reference_keep(pmodel, embeds, batch, budget), rtol=0, atol=0)
+    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
+
+
+def visual_segments(batch, scope):
+    """int32 offsets of the segments of the batch's packed visual tokens (row-major): one per
+    sample with visual tokens, or one per image (a run of consecutive placeholders)."""
+    lengths = []
+    for row in visual_mask(batch):
+        where = row.nonzero().squeeze(1)
+        if where.numel() == 0:
+            continue
+        if scope == "image":
+            lengths += [len(run) for run in torch.tensor_split(where, (where.diff() != 1).nonzero().squeeze(1) + 1)]
+        else:
+            lengths.append(where.numel())
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("scope", ["sample", "image"])
+@pytest.mark.parametrize("method", [m for m in vsops.methods.available() if m != "visionselector"])
+def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope):
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    budget = 0.25
+    pmodel = patched(model, budget=budget, scope=scope, method=method)
+    assert pmodel.visionselector.method.name == method
+    with torch.no_grad():
+        out = pmodel(**batch)
+    embeds, positions = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
+    visual = visual_mask(batch)
+    cu = visual_segments(batch, scope)
+    k = [vsops.budget_to_k(int(n), budget) for n in cu.diff()]
+    expected = ~visual & batch["attention_mask"].bool()
+    expected[visual] = getattr(vsops.methods, method)(embeds[visual], k, cu_seqlens=cu)
+    torch.testing.assert_close(out.visionselector.keep, expected, rtol=0, atol=0)
+    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
+
+
+def test_a_method_may_replace_the_kept_tokens_embeddings(setup):
+    class Halved(vsops.methods.SelectionMethod):
+        """Keeps the first k tokens of each segment, at half their embedding."""
+
+        name = "test_halved"
+
+        def select(self, x, k, cu_seqlens):
+            keep = torch.zeros(x.shape[0], dtype=torch.bool)
+            for start, count in zip(cu_seqlens[:-1].tolist(), k.tolist()):
+                keep[start : start + count] = True
+            return vsops.methods.Selected(keep, embeds=x / 2)
+
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    pmodel = patched(model, budget=0.25, method=Halved())
+    with torch.no_grad():
+        out = pmodel(**batch)
+    embeds, positions = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
+    visual = visual_mask(batch)
+    embeds = torch.where(visual.unsqueeze(-1), embeds / 2, embeds)
+    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
+
+
+def test_methods_switch_per_call_and_training_needs_the_learned_scorer(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    batch = setup.make_batch(PROMPTS)
+    selector = model.visionselector
+    with torch.no_grad():
+        learned = model(**batch).visionselector.keep
+        with selector.using(method="divprune"):
+            assert selector.method.name == "divprune"
+            diverse = model(**batch).visionselector.keep
+        assert selector.method.name == "visionselector"
+        assert torch.equal(model(**batch).visionselector.keep, learned)
+    assert not torch.equal(diverse, learned)
+    model.train()
+    with selector.using(method="norm"), pytest.raises(ValueError, match="'norm' method has no training mode"):
+        model(**batch)
+    with pytest.raises(ValueError, match="unknown selection method"):
+        selector.method = "fastv"
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS, [[2, ("video", 4, 4, 4), ("image", 4, 4), 5], [3, ("image", 8, 8), 4]]],
@@ -462,6 +545,8 @@ def test_from_pretrained_without_a_scorer(setup, tmp_path):
     save_checkpoint(setup.make_model(), tmp_path, scorer=False)
     with pytest.raises(ValueError, match="allow_missing_scorer"):
         from_pretrained(tmp_path, trust_remote_code=True)
+    # a training-free method needs no scorer
+    assert from_pretrained(tmp_path, method="divprune", trust_remote_code=True).visionselector.method.name == "divprune"
     model = from_pretrained(tmp_path, allow_missing_scorer=True, trust_remote_code=True)
     weight = scorer_of(model).q_proj.weight
     # the published init (std 1e-4), not the model's initializer_range (0.02)

@@ -18,8 +18,7 @@ from vsops.integrations import apply_visionselector_to_qwen2_5_vl  # noqa: E402
 from vsops.integrations.testing import tiny_qwen2_5_vl_config  # noqa: E402
 from vsops.training import SyntheticTask, TrainConfig, collate, load_scorer, train  # noqa: E402
 from vsops.training.backbone import fit_backbone  # noqa: E402
-from vsops.training.baselines import RandomScorer  # noqa: E402
-from vsops.training.evaluate import answer_accuracy, answer_metrics, scorer_replaced  # noqa: E402
+from vsops.training.evaluate import answer_accuracy, answer_metrics  # noqa: E402
 from vsops.training.checkpoint import latest_checkpoint  # noqa: E402
 
 TASK = SyntheticTask(grid=4)  # 16 visual tokens, 2 of them targets
@@ -56,7 +55,7 @@ def test_short_run_lowers_the_loss_and_learns_to_select(tmp_path, fitted_backbon
     assert full > 0.9  # the backbone knows the task
     needles = [TASK.target_position(10**9 + i) for i in range(256)]
     assert all(int(e.input_ids[n]) == model.config.image_token_id for e, n in zip(held_out, needles))
-    with scorer_replaced(model, RandomScorer()):
+    with model.visionselector.using(method="random"):
         random = answer_metrics(model, held_out, answers, budget=0.25, needles=needles)
     chance = random["accuracy"]
     assert 0.15 < random["needle_kept"] < 0.35  # 4 of 16 tokens
@@ -191,6 +190,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         (["--task", "synthetic", "--budget", "1.5"], "budget must be in"),
         (["--task", "synthetic", "--batch-size", "6", "--micro-batch-size", "4"], "micro-batches of 4"),
         (["--data", "x.jsonl"], "--data needs --model"),
+        (["--task", "synthetic", "--eval-methods", "random,fastv"], "unknown selection method 'fastv'"),
     ],
 )
 def test_cli_reports_bad_settings(tmp_path, args, message):

@@ -13,8 +13,9 @@ its vision-start and vision-end tokens), 30 text tokens; L = 2,086 tokens. Per r
   tokens. The vision tower sees every patch whatever the budget; its time alone is printed
   with the table, as the part of the prefill that cannot shrink;
 - selector ms and its share of the prefill: the time spent in
-  ``VisionSelector.language_model_inputs`` (LIS scoring, top-k, gathering the kept tokens into
-  the padded language-model inputs), summed per forward;
+  ``VisionSelector.language_model_inputs`` (the method's selection, LIS scoring and top-k by
+  default, and gathering the kept tokens into the padded language-model inputs), summed per
+  forward;
 - peak MB: the memory the forward adds at its peak (CUDA: ``max_memory_allocated``; CPU on
   Linux: the resident-set high-water mark, reset through ``/proc/self/clear_refs``).
 """
@@ -272,13 +273,13 @@ def measure_budget(model, batch, device, budget: float) -> PrefillRow:
     )
 
 
-def measure_all(model, batch, device) -> list[PrefillRow]:
-    """The unpatched row, then one per budget of :data:`BUDGETS`; the model is patched for the
-    budget rows and reverted afterwards."""
+def measure_all(model, batch, device, method: str = "visionselector") -> list[PrefillRow]:
+    """The unpatched row, then one per budget of :data:`BUDGETS` selecting with ``method``; the
+    model is patched for the budget rows and reverted afterwards."""
     from vsops.integrations import apply_visionselector, revert_visionselector
 
     rows = [measure_unpatched(model, batch, device)]
-    apply_visionselector(model, budget=BUDGETS[0])
+    apply_visionselector(model, budget=BUDGETS[0], method=method)
     try:
         rows += [measure_budget(model, batch, device, budget) for budget in BUDGETS]
     finally:
@@ -287,7 +288,7 @@ def measure_all(model, batch, device) -> list[PrefillRow]:
 
 
 def print_table(rows: list[PrefillRow], vision_ms: float, device, dtype, file: TextIO = sys.stdout,
-                model: str = "qwen2_5_vl") -> None:
+                model: str = "qwen2_5_vl", method: str = "visionselector") -> None:
     sizes = MODEL_SIZES
     text, visual = prompt_token_counts()
     threads = f", {torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else ""
@@ -295,7 +296,7 @@ def print_table(rows: list[PrefillRow], vision_ms: float, device, dtype, file: T
         f"{MODELS[model]} prefill, batch 1, L = {rows[0].tokens} tokens ({text} text, {visual} visual), "
         f"random weights: language model {sizes['layers']} x {sizes['hidden_size']} (MLP "
         f"{sizes['intermediate_size']}), vision tower {sizes['vision_depth']} x {sizes['vision_hidden_size']}; "
-        f"sdpa, {str(dtype).replace('torch.', '')}, device {device}{threads}",
+        f"sdpa, {str(dtype).replace('torch.', '')}, device {device}{threads}; method {method}",
         file=file,
     )
     print(f"Vision tower alone (every budget): {vision_ms:.1f} ms", file=file)
@@ -314,9 +315,11 @@ def print_table(rows: list[PrefillRow], vision_ms: float, device, dtype, file: T
         )
 
 
-def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, model: str = "qwen2_5_vl") -> list[PrefillRow]:
-    """Builds the model (a key of :data:`MODELS`), measures every row and prints the table;
-    returns the rows (none without transformers)."""
+def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, model: str = "qwen2_5_vl",
+            method: str = "visionselector") -> list[PrefillRow]:
+    """Builds the model (a key of :data:`MODELS`), measures every row with the selection
+    ``method`` (a name of :func:`vsops.methods.available`) and prints the table; returns the
+    rows (none without transformers)."""
     if not transformers_available():
         print("Prefill benchmark skipped: it needs transformers (pip install transformers).", file=file)
         return []
@@ -324,6 +327,6 @@ def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, model:
     name = model
     model, batch = build_model(device, dtype, model=name), make_batch(device, dtype, model=name)
     vision_ms = 1e3 * median_seconds(vision_tower_fn(model, batch), device)
-    rows = measure_all(model, batch, device)
-    print_table(rows, vision_ms, device, dtype, file, model=name)
+    rows = measure_all(model, batch, device, method)
+    print_table(rows, vision_ms, device, dtype, file, model=name, method=method)
     return rows

@@ -14,6 +14,16 @@ import torch
 BENCH_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 
 
+def _method_name(name: str) -> str:
+    from vsops.methods import method_class
+
+    try:
+        method_class(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--model", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava_ov_1_5"],
         help="prefill: the model family of the end-to-end table (default: qwen2_5_vl)",
+    )
+    bench.add_argument(
+        "--method", default="visionselector", type=_method_name,
+        help="prefill: the selection method of the patched rows (default: visionselector; see vsops.methods)",
     )
     from vsops.training.run import add_arguments
 
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # "all" covers the operators; the end-to-end prefill joins it where transformers is installed.
         if args.op == "prefill" or (args.op == "all" and bench_prefill.transformers_available()):
-            bench_prefill.summary(args.device, dtype, model=args.model)
+            bench_prefill.summary(args.device, dtype, model=args.model, method=args.method)
     return 0
 
 

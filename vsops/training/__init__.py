@@ -1,7 +1,8 @@
 """Training the VisionSelector scorer end to end with the backbone frozen (paper Sections 3.4,
 4.2): the λ_t curriculum, the composite loss, a loop that runs in one process, under
 ``torchrun`` (DDP) or DeepSpeed, checkpoints with the published scorer keys, a synthetic task
-on which selection decides the answer, and evaluation against untrained baselines.
+on which selection decides the answer, and evaluation of every selection method
+(:mod:`vsops.methods`).
 
 The command-line entry point is ``vsops train`` (:mod:`vsops.training.run`). Needs
 ``transformers`` and ``safetensors`` (the ``train`` extra).

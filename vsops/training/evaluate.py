@@ -1,4 +1,4 @@
-"""Held-out evaluation of a patched model at several budgets, with its scorer or a baseline."""
+"""Held-out evaluation of a patched model at several budgets, with each selection method."""
 from __future__ import annotations
 
 import contextlib
@@ -8,21 +8,7 @@ from torch import nn
 
 from vsops.training.data import Example, collate_for_model
 
-__all__ = ["scorer_replaced", "answer_metrics", "answer_accuracy", "answer_tables", "pruned_loss", "loss_table"]
-
-
-@contextlib.contextmanager
-def scorer_replaced(model: nn.Module, scorer: nn.Module | None):
-    """Temporarily selects with ``scorer`` (a baseline) in place of the model's own; None
-    keeps the model's."""
-    selector = model.visionselector
-    saved = selector.scorer
-    if scorer is not None:
-        selector.scorer = scorer
-    try:
-        yield
-    finally:
-        selector.scorer = saved
+__all__ = ["answer_metrics", "answer_accuracy", "answer_tables", "pruned_loss", "loss_table"]
 
 
 @contextlib.contextmanager
@@ -37,15 +23,17 @@ def _evaluating(model: nn.Module, budget: float):
         model.train(was_training)
 
 
-def _per_method(model: nn.Module, budgets, baselines: dict[str, nn.Module] | None):
-    """Yields ``(method, budget)`` with the model selecting by that method: its own scorer
-    (``"visionselector"``) or each baseline, whose random state restarts at every budget."""
-    for name, scorer in {"visionselector": None, **(baselines or {})}.items():
+def _per_method(model: nn.Module, budgets, methods):
+    """Yields ``(method name, budget)`` with the model selecting by that method (default: every
+    registered one), its random state restarted at every budget."""
+    from vsops.methods import available
+
+    for method in available() if methods is None else methods:
         for budget in budgets:
-            if hasattr(scorer, "reset"):
-                scorer.reset()
-            with scorer_replaced(model, scorer):
-                yield name, budget
+            with model.visionselector.using(method=method) as selector:
+                chosen = selector.method
+                chosen.reset()
+                yield chosen.name, budget
 
 
 @torch.no_grad()
@@ -97,12 +85,14 @@ def answer_accuracy(model: nn.Module, examples: list[Example], answer_tokens: li
 
 def answer_tables(
     model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budgets=(0.1, 0.2, 0.3, 1.0),
-    baselines: dict[str, nn.Module] | None = None, needles: list[int] | None = None, batch_size: int = 64,
+    methods=None, needles: list[int] | None = None, batch_size: int = 64,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """:func:`answer_metrics` at each budget with the model's scorer and with each baseline:
-    ``{"accuracy": {"visionselector": {"0.1": ..., ...}, "<baseline>": {...}}, "needle_kept": ...}``."""
+    """:func:`answer_metrics` at each budget with each selection method (names or
+    :class:`~vsops.methods.SelectionMethod` instances; default: every registered one, the
+    model's learned scorer as ``"visionselector"``):
+    ``{"accuracy": {"visionselector": {"0.1": ..., ...}, "divprune": {...}}, "needle_kept": ...}``."""
     tables: dict = {}
-    for name, budget in _per_method(model, budgets, baselines):
+    for name, budget in _per_method(model, budgets, methods):
         metrics = answer_metrics(model, examples, answer_tokens, budget=budget, needles=needles, batch_size=batch_size)
         for metric, value in metrics.items():
             tables.setdefault(metric, {}).setdefault(name, {})[str(budget)] = value
@@ -127,9 +117,9 @@ def pruned_loss(model: nn.Module, examples: list[Example], *, budget: float, bat
 
 
 def loss_table(model: nn.Module, examples: list[Example], *, budgets=(0.1, 0.2, 0.3, 1.0),
-               baselines: dict[str, nn.Module] | None = None) -> dict[str, dict[str, float]]:
+               methods=None) -> dict[str, dict[str, float]]:
     """Like :func:`answer_tables`, with :func:`pruned_loss` (for data without a fixed answer set)."""
     table: dict = {}
-    for name, budget in _per_method(model, budgets, baselines):
+    for name, budget in _per_method(model, budgets, methods):
         table.setdefault(name, {})[str(budget)] = pruned_loss(model, examples, budget=budget)
     return table

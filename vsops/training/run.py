@@ -8,7 +8,7 @@
 The synthetic task first fits a tiny Qwen2.5-VL on the task with every visual token (saved in
 ``output-dir/backbone`` and reused by later runs into the same directory), freezes it, then
 trains the scorer and evaluates the held-out accuracy at budgets 0.1, 0.2, 0.3 and 1.0 for the
-trained scorer and for untrained baselines.
+trained scorer and for every training-free method of :mod:`vsops.methods` (``--eval-methods``).
 """
 from __future__ import annotations
 
@@ -62,9 +62,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-steps", type=int, default=BACKBONE_STEPS, help="synthetic: steps fitting the backbone")
     parser.add_argument("--backbone-lr", type=float, default=BACKBONE_LR, help="synthetic: the backbone's peak learning rate")
     parser.add_argument("--eval-examples", type=int, default=1024, help="synthetic: held-out examples (0: no evaluation)")
+    parser.add_argument("--eval-methods", type=_method_list, metavar="NAME,NAME",
+                        help="selection methods the evaluation compares (default: every registered one)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _method_list(text: str) -> list[str]:
+    """``--eval-methods``: comma-separated registered names."""
+    from vsops.methods import method_class
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one method name")
+    for name in names:
+        try:
+            method_class(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
 
 
 def _train_config(args, defaults: dict) -> TrainConfig:
@@ -105,7 +122,6 @@ def _run_synthetic(args, topology) -> dict:
 
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
     from vsops.integrations.testing import tiny_qwen2_5_vl_config
-    from vsops.training.baselines import BASELINES
     from vsops.training.evaluate import answer_tables
     from vsops.training.synthetic import SyntheticTask
 
@@ -145,10 +161,9 @@ def _run_synthetic(args, topology) -> dict:
     elif topology.is_main and args.eval_examples:
         start = time.perf_counter()
         indices = range(HELD_OUT_INDEX, HELD_OUT_INDEX + args.eval_examples)
-        baselines = {name: make() for name, make in BASELINES.items()}
         # accuracy, and how often the asked target survived the selection (target_kept)
         tables = answer_tables(model, [task[i] for i in indices], list(task.answer_tokens), budgets=EVAL_BUDGETS,
-                               baselines=baselines, needles=[task.target_position(i) for i in indices])
+                               methods=args.eval_methods, needles=[task.target_position(i) for i in indices])
         metrics["accuracy"], metrics["target_kept"] = tables["accuracy"], tables["needle_kept"]
         metrics["eval_examples"] = args.eval_examples
         seconds["evaluation"] = time.perf_counter() - start
@@ -191,7 +206,8 @@ def _run_jsonl(args, topology) -> dict:
         metrics["eval_loss"] = "not evaluated under ZeRO-3: load scorer.safetensors into the model in one process"
     elif args.eval_data and topology.is_main:
         held_out = JsonlDataset(args.eval_data, processor, image_root=args.image_root)
-        metrics["eval_loss"] = loss_table(model, [held_out[i] for i in range(len(held_out))], budgets=EVAL_BUDGETS)
+        metrics["eval_loss"] = loss_table(model, [held_out[i] for i in range(len(held_out))], budgets=EVAL_BUDGETS,
+                                          methods=args.eval_methods)
     return metrics
 
 
