@@ -18,6 +18,7 @@ TORCH_LIBRARY(vsops, m) {
   m.def("lis_input_grad(Tensor grad, Tensor u, Tensor w, Tensor? cu_seqlens, ScalarType dtype) -> Tensor");
   m.def("varlen_pack(Tensor keep, SymInt total, Tensor[] rows) -> (Tensor, Tensor[])");
   m.def("varlen_unpack(Tensor packed, Tensor indices, SymInt rows, Scalar fill) -> Tensor");
+  m.def("divprune_keep(Tensor x, Tensor k, Tensor cu_seqlens) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vsops, CPU, m) {
@@ -31,4 +32,5 @@ TORCH_LIBRARY_IMPL(vsops, CPU, m) {
   m.impl("lis_input_grad", &vsops::cpu::lis_input_grad);
   m.impl("varlen_pack", &vsops::cpu::varlen_pack);
   m.impl("varlen_unpack", &vsops::cpu::varlen_unpack);
+  m.impl("divprune_keep", &vsops::cpu::divprune_keep);
 }

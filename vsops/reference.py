@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "divprune_keep",
+    "divprune_keeps_similarity",
     "difftopk_forward",
     "difftopk_backward",
     "topk_mask",
@@ -318,6 +319,13 @@ def varlen_unpack(packed: torch.Tensor, indices: torch.Tensor, rows: int, fill: 
 _DIVPRUNE_TILE_ELEMENTS = 1 << 24
 
 
+def divprune_keeps_similarity(n: int, d: int) -> bool:
+    """Whether DivPrune keeps the n x n similarities of the nearest-neighbour pass for its
+    greedy passes (one row read per pick instead of an n x d product): when they take at most
+    twice the tokens' memory, or one tile, so that memory stays O(n d)."""
+    return n * n <= max(2 * n * d, _DIVPRUNE_TILE_ELEMENTS)
+
+
 def _divprune_argmax(values: torch.Tensor, picked: torch.Tensor) -> int:
     """The first index of the largest value among tokens not yet picked; NaN ranks below every
     number, picked tokens below NaN."""
@@ -333,7 +341,9 @@ def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
     ``d(i, j) = 1 - x_i . x_j``: the first pick is the token whose nearest other token is
     farthest; each next pick is the unpicked token whose distance to the nearest picked one is
     largest; ``k[s]`` picks. Ties go to the lower index. Memory O(n D + n) per segment: the
-    nearest-neighbour pass runs over row tiles, the greedy passes keep one distance vector.
+    nearest-neighbour pass runs over row tiles, kept for the greedy passes only where they are
+    no larger than that (:func:`divprune_keeps_similarity`); otherwise each pick is one
+    product with the tokens.
     """
     dtype = state_dtype_for(x.dtype)
     keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -348,17 +358,26 @@ def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
         unit = torch.nn.functional.normalize(x[start:end].to(dtype), dim=-1)
         nearest = torch.empty(n, dtype=dtype, device=x.device)
         rows = max(1, _DIVPRUNE_TILE_ELEMENTS // n)
+        tiles = []
         for r in range(0, n, rows):
             similarity = unit[r : r + rows] @ unit.T
             tile = torch.arange(similarity.shape[0], device=x.device)
-            similarity[tile, r + tile] = float("-inf")  # a token is not its own neighbour
+            # A token is not its own neighbour. Its similarity to itself is not needed later
+            # either: a picked token is never a candidate again.
+            similarity[tile, r + tile] = float("-inf")
             nearest[r : r + rows] = 1 - similarity.max(1).values
+            if divprune_keeps_similarity(n, x.shape[1]):
+                tiles.append(similarity)
+        matrix = torch.cat(tiles) if tiles else None
         picked = torch.zeros(n, dtype=torch.bool, device=x.device)
         choice = _divprune_argmax(nearest, picked)
         distance = torch.full((n,), float("inf"), dtype=dtype, device=x.device)
-        for _ in range(count):
+        for step in range(count):
             picked[choice] = True
-            distance = torch.minimum(distance, 1 - unit @ unit[choice])
+            if step + 1 == count:
+                break
+            similarity = matrix[choice] if matrix is not None else unit @ unit[choice]
+            distance = torch.minimum(distance, 1 - similarity)
             choice = _divprune_argmax(distance, picked)
         keep[start:end] = picked
     return keep

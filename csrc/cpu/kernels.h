@@ -39,5 +39,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& ke
 at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, int64_t rows,
                          const at::Scalar& fill);
 
+at::Tensor divprune_keep(const at::Tensor& x, const at::Tensor& k, const at::Tensor& cu_seqlens);
+
 }  // namespace cpu
 }  // namespace vsops

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from vsops import reference
 from vsops.methods.base import Selected, SelectionMethod, segments_of
 from vsops.methods.registry import register_method
 
@@ -22,7 +21,8 @@ class DivPruneMethod(SelectionMethod):
     at most n). Ties go to the lower index. Rows are normalized and the distances accumulated
     in float32 (float64 for float64 tokens); a zero token is at distance 1 from every token; NaN
     distances rank below every number. Memory O(n D + n) per segment: the n x n distance
-    matrix is never formed.
+    matrix is never formed. Runs as ``torch.ops.vsops.divprune_keep`` (compiled on the CPU;
+    the PyTorch reference on GPUs for now).
 
     Where it differs from the published implementation (``DivPrune`` in vbdi/divprune, also
     shipped with the VisionSelector baselines), which builds the full n x n cosine matrix in
@@ -43,7 +43,9 @@ class DivPruneMethod(SelectionMethod):
     name = "divprune"
 
     def select(self, x, k, cu_seqlens) -> Selected:
-        return Selected(reference.divprune_keep(x, k, cu_seqlens))
+        from vsops.ops.divprune import divprune_keep
+
+        return Selected(divprune_keep(x, k, cu_seqlens))
 
 
 def divprune(x: torch.Tensor, k, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
