@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
     )
     bench.add_argument(
-        "--op", default="all", choices=["all", "difftopk", "lis", "varlen", "prefill"], help="which operator's table (default: all)"
+        "--op", default="all", choices=["all", "difftopk", "lis", "varlen", "methods", "prefill"], help="which operator's table (default: all)"
     )
     bench.add_argument(
         "--no-dense", action="store_true", help="lis: skip baseline (a), the N x N matrix (slow on CPU)"
@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
             # The pack moves bytes: the model's dtype, bfloat16, unless asked otherwise.
             bench_varlen.summary(args.device, torch.bfloat16 if args.dtype == "float32" else dtype)
+        if args.op in ("all", "methods"):
+            from vsops import bench_methods
+
+            # The N = 16384 DivPrune row takes minutes (the published baseline alone ~1.5 min on 2
+            # cores): only when the methods table is asked for by name.
+            sizes = bench_methods.DIVPRUNE_SIZES if args.op == "methods" else bench_methods.METHOD_SIZES
+            bench_methods.summary(args.device, sizes=sizes)
         from vsops import bench_prefill
 
         # "all" covers the operators; the end-to-end prefill joins it where transformers is installed.

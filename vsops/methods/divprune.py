@@ -20,8 +20,8 @@ class DivPruneMethod(SelectionMethod):
     nearest picked one is largest, until ``k = budget_to_k(n, budget)`` are picked (at least 1,
     at most n). Ties go to the lower index. Rows are normalized and the distances accumulated
     in float32 (float64 for float64 tokens); a zero token is at distance 1 from every token; NaN
-    distances rank below every number. Memory O(n D + n) per segment: the n x n distance
-    matrix is never formed. Runs as ``torch.ops.vsops.divprune_keep`` (compiled on the CPU;
+    distances rank below every number. Memory O(n D + n) per segment: the n x n similarities
+    are held only where they take at most twice the tokens' memory. Runs as ``torch.ops.vsops.divprune_keep`` (compiled on the CPU;
     the PyTorch reference on GPUs for now).
 
     Where it differs from the published implementation (``DivPrune`` in vbdi/divprune, also

@@ -1,0 +1,39 @@
+"""Selection-method benchmarks (pytest-benchmark): DivPrune against the published algorithm
+(full n x n matrix + greedy loop) with the one-product compute bound, and every method's
+selection time per image, at D = 3584, budget 0.1.
+
+    python -m pytest benchmarks/test_bench_methods.py --benchmark-only
+
+``vsops bench --op methods`` prints the same measurements as tables (DivPrune also at N = 16384).
+"""
+import pytest
+import torch
+
+from vsops import bench, bench_methods
+from vsops.budget import budget_to_k
+from vsops.methods import available
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("n", bench_methods.METHOD_SIZES)
+def test_divprune_against_the_published_algorithm(benchmark, n):
+    x = bench_methods.tokens(n, DEVICE)
+    k = budget_to_k(n, bench_methods.BUDGET)
+    benchmark.group = f"divprune-N={n}"
+    benchmark(bench_methods.divprune_fn(x, k))
+    if benchmark.disabled:
+        return
+    ours = benchmark.stats.stats.median
+    benchmark.extra_info["speedup_vs_published"] = round(
+        bench.seconds(lambda: bench_methods.published_divprune(x, k)) / ours, 2
+    )
+    benchmark.extra_info["share_of_compute_bound"] = round(bench.seconds(bench_methods.bound_fn(x)) / ours, 3)
+
+
+@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("n", bench_methods.METHOD_SIZES)
+def test_method_selection_per_image(benchmark, name, n):
+    x = bench_methods.tokens(n, DEVICE)
+    benchmark.group = f"methods-N={n}"
+    benchmark(bench_methods.method_fn(name, x, budget_to_k(n, bench_methods.BUDGET)))
