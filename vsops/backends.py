@@ -88,3 +88,16 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
         if _can_serve(backend, device, dtype, have):
             return backend
     raise AssertionError("the reference backend serves every call")
+
+
+def select_implemented(device: torch.device, dtype: torch.dtype, implemented) -> str:
+    """:func:`select` for an op that only some backends implement: the chosen backend when it
+    has the op, else the first of the default order that has it and can serve the call (the
+    reference always can)."""
+    chosen = select(device, dtype)
+    if chosen in implemented:
+        return chosen
+    have = available()
+    return next(
+        (b for b in default_order(device) if b in implemented and _can_serve(b, device, dtype, have)), "reference"
+    )

@@ -1,11 +1,11 @@
-"""The DivPrune selection op (also ``divprune_keep_reference``):
+"""The DivPrune selection op (also ``divprune_keep_triton`` and ``divprune_keep_reference``):
 
 * ``torch.ops.vsops.divprune_keep(x, k, cu_seqlens) -> keep``: ``x`` ``[total, D]`` packed
   tokens of any float dtype, ``k`` int64 ``[S]``, int32 ``cu_seqlens [S + 1]``; returns bool
   ``[total]`` with ``k[s]`` True in segment ``s`` (see ``vsops.reference.divprune_keep``).
 
-Compiled for the CPU; on GPU tensors the reference runs until the CUDA and Triton kernels exist.
-Not differentiable (a selection).
+Compiled for the CPU; on GPU tensors the Triton kernels run (there is no CUDA kernel yet). Not
+differentiable (a selection).
 """
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ import torch
 
 from vsops import backends, reference
 from vsops.ops.registry import Operator
+
+
+def _triton_divprune():
+    from vsops.triton import divprune
+
+    return divprune
 
 
 def _keep_fake(x, k, cu_seqlens):
@@ -23,11 +29,11 @@ keep = Operator(
     "divprune_keep",
     "(Tensor x, Tensor k, Tensor cu_seqlens) -> Tensor",
     _keep_fake,
-    {"reference": reference.divprune_keep},
+    {"reference": reference.divprune_keep, "triton": lambda *a: _triton_divprune().divprune_keep(*a)},
 )
 
 
 def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The op on the backend for ``x``'s device: the compiled CPU kernel, else the reference."""
-    backend = backends.select(x.device, x.dtype)
-    return keep(x.contiguous(), k, cu_seqlens, backend=backend if backend in keep.backends() else "reference")
+    """The op on the backend chosen for ``x`` among those that implement it."""
+    backend = backends.select_implemented(x.device, x.dtype, keep.backends())
+    return keep(x.contiguous(), k, cu_seqlens, backend=backend)
