@@ -4,6 +4,7 @@
 //
 // The stream comes from c10/cuda rather than ATen/cuda/CUDAContext.h, whose cuBLAS and
 // cuSOLVER includes this file does not need.
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -91,6 +92,27 @@ at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k,
                                     keep.mutable_data_ptr<bool>(),
                                     segment_layout(shape, cu_seqlens), dtype};
   check_launch(cuda::launch_topk_mask(params, c10::cuda::getCurrentCUDAStream()));
+  return keep;
+}
+
+at::Tensor divprune_keep(const at::Tensor& x, const at::Tensor& k, const at::Tensor& cu_seqlens) {
+  check_divprune_inputs(x, k, cu_seqlens);
+  const int64_t segments = cu_seqlens.numel() - 1;
+  TORCH_CHECK_VALUE(segments <= cuda::kMaxDivPruneSegments, "vsops: divprune_keep takes at most ",
+                    cuda::kMaxDivPruneSegments, " segments on CUDA, got ", segments);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType acc = state_dtype_for(x.scalar_type());
+  const at::Tensor rows = x.to(acc);
+  // As torch.nn.functional.normalize (and the CPU kernel): a zero row stays zero.
+  const at::Tensor unit = (rows / rows.norm(2, {1}, true).clamp_min(1e-12)).contiguous();
+  at::Tensor nearest = at::empty({x.size(0)}, unit.options());
+  at::Tensor distance = at::full({x.size(0)}, std::numeric_limits<double>::infinity(), unit.options());
+  at::Tensor keep = at::zeros({x.size(0)}, x.options().dtype(at::kBool));
+  const cuda::DivPruneParams params{unit.const_data_ptr(), cu_seqlens.const_data_ptr<int32_t>(),
+                                    k.const_data_ptr<int64_t>(), nearest.mutable_data_ptr(),
+                                    distance.mutable_data_ptr(), keep.mutable_data_ptr<bool>(),
+                                    segments, x.size(0), x.size(1), acc == at::kDouble};
+  check_launch(cuda::launch_divprune(params, c10::cuda::getCurrentCUDAStream()));
   return keep;
 }
 
@@ -213,4 +235,5 @@ TORCH_LIBRARY_IMPL(vsops, CUDA, m) {
   m.impl("lis_input_grad", &vsops::lis_input_grad);
   m.impl("varlen_pack", &vsops::varlen_pack);
   m.impl("varlen_unpack", &vsops::varlen_unpack);
+  m.impl("divprune_keep", &vsops::divprune_keep);
 }

@@ -81,6 +81,22 @@ inline void check_k(const at::Tensor& k, const at::Tensor& scores,
   }
 }
 
+// DivPrune's x [total, D], k int64 [S] and cu_seqlens int32 [S + 1], on one device; k against
+// the segment lengths where that needs no sync.
+inline void check_divprune_inputs(const at::Tensor& x, const at::Tensor& k, const at::Tensor& cu_seqlens) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "vsops: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "vsops: x must be a contiguous [total, D] tensor, got shape ",
+                    x.sizes());
+  check_cu_seqlens(cu_seqlens, x.device(), x.size(0));
+  const int64_t segments = cu_seqlens.numel() - 1;
+  TORCH_CHECK_TYPE(k.scalar_type() == at::kLong, "vsops: k must be int64, got ", k.scalar_type());
+  TORCH_CHECK_VALUE(k.dim() == 1 && k.numel() == segments && k.is_contiguous(),
+                    "vsops: k must be a contiguous [", segments, "] tensor, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(k.device() == x.device(), "vsops: k must be on the device of x");
+  if (k.device().is_cpu()) check_k_on_host(k, cu_seqlens.data_ptr<int32_t>(), 0);
+}
+
 inline const int32_t* cu_seqlens_data(const std::optional<at::Tensor>& cu_seqlens) {
   return cu_seqlens.has_value() ? cu_seqlens->data_ptr<int32_t>() : nullptr;
 }

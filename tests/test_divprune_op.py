@@ -4,17 +4,17 @@ every float dtype; opcheck, torch.compile and the C++ argument checks."""
 import pytest
 import torch
 
-from vsops import reference
+from vsops import backends, reference
 from vsops.ops import divprune as ops
 
-BACKENDS = ops.keep.backends()
+BACKENDS = [b for b in ops.implemented() if b != "cuda" or backends.available()["cuda"]]
 # The Triton interpreter (CI has no GPU) runs numpy per program: small inputs only there.
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_for(backend):
-    return DEVICE if backend == "triton" else torch.device("cpu")
+    return DEVICE if backend in ("triton", "cuda") else torch.device("cpu")
 
 
 def packed(lengths, d=12, dtype=torch.float32, seed=0):
@@ -25,7 +25,7 @@ def packed(lengths, d=12, dtype=torch.float32, seed=0):
 
 
 def test_the_kernels_are_registered():
-    assert {"cpu", "triton", "reference"} <= set(ops.keep.backends())
+    assert {"cpu", "triton", "reference", "cuda"} <= set(ops.implemented())
     for name in ops.keep.op_names():
         assert hasattr(torch.ops.vsops, name), name
 

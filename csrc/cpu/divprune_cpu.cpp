@@ -136,23 +136,14 @@ void divprune_segment(const at::Tensor& x, int64_t count, bool* keep) {
 }  // namespace
 
 at::Tensor divprune_keep(const at::Tensor& x, const at::Tensor& k, const at::Tensor& cu_seqlens) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "vsops: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "vsops: x must be a contiguous [total, D] tensor, got shape ",
-                    x.sizes());
-  check_cu_seqlens(cu_seqlens, x.device(), x.size(0));
-  const SegmentShape shape{cu_seqlens.numel() - 1, 0};
-  TORCH_CHECK_TYPE(k.scalar_type() == at::kLong, "vsops: k must be int64, got ", k.scalar_type());
-  TORCH_CHECK_VALUE(k.dim() == 1 && k.numel() == shape.num_segments && k.is_contiguous(),
-                    "vsops: k must be a contiguous [", shape.num_segments, "] tensor, got shape ", k.sizes());
-  TORCH_CHECK_VALUE(k.device() == x.device(), "vsops: k must be on the device of x");
+  check_divprune_inputs(x, k, cu_seqlens);
+  const int64_t segments = cu_seqlens.numel() - 1;
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
-  check_k_on_host(k, cu, 0);
   at::Tensor keep = at::zeros({x.size(0)}, x.options().dtype(at::kBool));
   const int64_t* kp = k.data_ptr<int64_t>();
   bool* out = keep.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vsops::divprune_keep", [&] {
-    for (int64_t s = 0; s < shape.num_segments; ++s) {
+    for (int64_t s = 0; s < segments; ++s) {
       const int64_t start = cu[s], n = cu[s + 1] - cu[s];
       divprune_segment<scalar_t>(x.narrow(0, start, n), kp[s], out + start);
     }

@@ -128,6 +128,28 @@ cudaError_t launch_difftopk_forward(const DiffTopKForwardParams& params, cudaStr
 cudaError_t launch_difftopk_backward(const DiffTopKBackwardParams& params, cudaStream_t stream);
 cudaError_t launch_topk_mask(const TopKMaskParams& params, cudaStream_t stream);
 
+// DivPrune (vsops/ops/divprune.py) on rows the glue has L2-normalized into `unit`, float (double
+// when is_double), [num_tokens, dim]. `nearest` and `distance` are scratch [num_tokens] of that
+// type, `distance` filled with +inf; `keep` [num_tokens] is zeroed. Segments come from the
+// device cu_seqlens; k is clamped to [0, n] per segment (it cannot be checked without a sync).
+struct DivPruneParams {
+  const void* unit;
+  const int32_t* cu_seqlens;
+  const int64_t* k;
+  void* nearest;
+  void* distance;
+  bool* keep;
+  int64_t num_segments;
+  int64_t num_tokens;
+  int64_t dim;
+  bool is_double;
+};
+
+// Segments ride on grid.y in the nearest-neighbour pass.
+constexpr int64_t kMaxDivPruneSegments = 65535;
+
+cudaError_t launch_divprune(const DivPruneParams& params, cudaStream_t stream);
+
 // Rows of the partial-sum workspace launch_lis_segment_sum needs; known on the host whatever
 // the lengths in a device cu_seqlens.
 int64_t lis_segment_sum_workspace_rows(const LisLayout& layout);

@@ -4,8 +4,8 @@
   tokens of any float dtype, ``k`` int64 ``[S]``, int32 ``cu_seqlens [S + 1]``; returns bool
   ``[total]`` with ``k[s]`` True in segment ``s`` (see ``vsops.reference.divprune_keep``).
 
-Compiled for the CPU; on GPU tensors the Triton kernels run (there is no CUDA kernel yet). Not
-differentiable (a selection).
+Compiled for the CPU and (in CUDA builds) for CUDA, and in Triton. Not differentiable (a
+selection).
 """
 from __future__ import annotations
 
@@ -33,7 +33,14 @@ keep = Operator(
 )
 
 
+def implemented() -> list[str]:
+    """The backends with this op: the compiled one ("cpu") also serves CUDA tensors where vsops
+    was built with CUDA (``backends.select`` only picks "cuda" there)."""
+    names = keep.backends()
+    return names + ["cuda"] if "cpu" in names else names
+
+
 def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The op on the backend chosen for ``x`` among those that implement it."""
-    backend = backends.select_implemented(x.device, x.dtype, keep.backends())
+    backend = backends.select_implemented(x.device, x.dtype, implemented())
     return keep(x.contiguous(), k, cu_seqlens, backend=backend)
