@@ -21,8 +21,8 @@ class DivPruneMethod(SelectionMethod):
     at most n). Ties go to the lower index. Rows are normalized and the distances accumulated
     in float32 (float64 for float64 tokens); a zero token is at distance 1 from every token; NaN
     distances rank below every number. Memory O(n D + n) per segment: the n x n similarities
-    are held only where they take at most twice the tokens' memory. Runs as ``torch.ops.vsops.divprune_keep`` (compiled for the CPU and
-    CUDA, and in Triton).
+    are held only where they take at most twice the tokens' memory. Runs as
+    ``torch.ops.vsops.divprune_keep`` (compiled for the CPU and CUDA, and in Triton).
 
     Where it differs from the published implementation (``DivPrune`` in vbdi/divprune, also
     shipped with the VisionSelector baselines), which builds the full n x n cosine matrix in
