@@ -22,7 +22,7 @@ import torch
 
 from vsops.budget import budget_to_k, check_budget
 from vsops.difftopk import constraint_loss, difftopk
-from vsops.methods import ScoringMethod, SelectionMethod, VisionSelectorMethod, make_method
+from vsops.methods import ScoringMethod, Selected, SelectionMethod, VisionSelectorMethod, make_method
 from vsops.methods.registry import DEFAULT as DEFAULT_METHOD
 from vsops.varlen import (
     SCOPES,
@@ -84,6 +84,7 @@ class _Call:
     visual_mask: torch.Tensor  # bool [B, L]
     image_ids: torch.Tensor | None  # int64 [B, L], images/videos numbered in order of appearance, -1 elsewhere
     items: int  # the number of distinct ids (images and videos of the call)
+    scope: str  # the selector's scope when the call began (image_ids follow it)
     attention_mask: torch.Tensor | None
     budget: float
     training: bool
@@ -245,7 +246,7 @@ class VisionSelector:
         budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
-        self._call = _Call(visual_mask, image_ids, items, attention_mask, budget, training)
+        self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, budget, training)
 
     def end_call(self) -> Selection | None:
         """Ends the call; returns what was selected (also kept as :attr:`last`)."""
@@ -309,14 +310,14 @@ class VisionSelector:
                 unpack(scores.detach(), visual.indices, b, length),
                 call.visual_mask,
                 call.budget,
-                scope=self.scope,
-                image_index=self._image_index(call) if self.scope == "image" else None,
+                scope=call.scope,
+                image_index=self._image_index(call) if call.scope == "image" else None,
             )
             if call.training:
                 return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual)
         else:
-            chosen = method.select(visual.tensors[0], k, cu)
-            keep = unpack(chosen.keep, visual.indices, b, length).bool() | ~call.visual_mask
+            chosen = _checked(method.select(visual.tensors[0], k, cu), method, visual.tensors[0], k, cu)
+            keep = unpack(chosen.keep, visual.indices, b, length) | ~call.visual_mask
             if chosen.embeds is not None:
                 # The method's embeddings take the kept tokens' places before the gather.
                 rows = embeds.reshape(b * length, -1).index_copy(0, visual.indices, chosen.embeds.to(embeds.dtype))
@@ -448,6 +449,25 @@ class VisionSelector:
         if kwargs.get("cache_position") is not None:
             out["cache_position"] = kwargs["cache_position"] - shift
         return out
+
+
+def _checked(chosen, method, x, k, cu) -> Selected:
+    """A method's answer, refused unless it keeps exactly k[s] tokens of each segment (the packs
+    run on counts derived from k, which GPU kernels cannot check). Costs one host sync."""
+    name = getattr(method, "name", type(method).__name__)
+    if not isinstance(chosen, Selected):
+        raise TypeError(f"the {name!r} method must return a vsops.methods.Selected, got {type(chosen).__name__}")
+    keep = chosen.keep
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (x.shape[0],):
+        raise ValueError(f"the {name!r} method must return a bool keep mask [{x.shape[0]}], got "
+                         f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
+    segment = torch.repeat_interleave(torch.arange(k.numel(), device=x.device), cu.diff().long())
+    kept = torch.zeros_like(k).index_add_(0, segment, keep.long())
+    if not bool(torch.equal(kept, k)):
+        raise ValueError(f"the {name!r} method kept {kept.tolist()} tokens per segment, not k = {k.tolist()}")
+    if chosen.embeds is not None and chosen.embeds.shape != x.shape:
+        raise ValueError(f"the {name!r} method's embeds must be {tuple(x.shape)}, got {tuple(chosen.embeds.shape)}")
+    return chosen
 
 
 def _resolved_use_cache(kwargs, config) -> bool:

@@ -233,6 +233,20 @@ def test_a_method_may_replace_the_kept_tokens_embeddings(setup):
     assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
 
 
+def test_a_method_keeping_the_wrong_count_is_refused(setup):
+    class KeepsOne(vsops.methods.SelectionMethod):
+        name = "test_keeps_one"
+
+        def select(self, x, k, cu_seqlens):
+            keep = torch.zeros(x.shape[0], dtype=torch.bool)
+            keep[0] = True
+            return vsops.methods.Selected(keep)
+
+    model = patched(setup.make_model(), budget=0.25, method=KeepsOne())
+    with pytest.raises(ValueError, match="'test_keeps_one' method kept"), torch.no_grad():
+        model(**setup.make_batch(PROMPTS))
+
+
 def test_methods_switch_per_call_and_training_needs_the_learned_scorer(setup):
     model = patched(setup.make_model(), budget=0.25)
     batch = setup.make_batch(PROMPTS)
