@@ -226,10 +226,11 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     if budget is None:
         budget = selector.__dict__.pop("_pending_budget", None)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if kwargs.get("cache_position") is None and input_ids is not None:
+    new_tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if kwargs.get("cache_position") is None and new_tokens is not None:
         # A decode loop that leaves cache_position to the model: the model would count it
         # from the pruned cache; the caller's sequence is longer.
-        position = selector.full_cache_position(kwargs.get("past_key_values"), input_ids.shape[1], input_ids.device)
+        position = selector.full_cache_position(kwargs.get("past_key_values"), new_tokens.shape[1], new_tokens.device)
         if position is not None:
             kwargs["cache_position"] = position
     if not any(kwargs.get(name) is not None for name in adapter.visual_inputs):
