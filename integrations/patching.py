@@ -265,6 +265,9 @@ def _language_model_pre_hook(language_model, args, kwargs):
 
 def _top_pre_hook(model, args, kwargs):
     selector: VisionSelector = model.visionselector
+    # What an earlier call left behind when it raised must not reach this one.
+    selector.__dict__.pop("_pending_labels", None)
+    selector.__dict__.pop("_pending_budget", None)
     budget = kwargs.pop(BUDGET_KEYWORD, None)
     if budget is not None:
         selector.__dict__["_pending_budget"] = budget

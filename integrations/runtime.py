@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 
 import torch
 
@@ -113,9 +112,17 @@ class _Counts:
 
 @dataclasses.dataclass
 class _PrunedCache:
-    cache: weakref.ref
     full_length: int  # L of the prefill the caller keeps counting in
     pruned_mask: torch.Tensor  # int64 [B, L']: the attention mask of what the cache holds
+
+
+# The pruned prefill's record lives on the cache object itself, so that it follows the cache
+# (a deep copy for prompt reuse, other forwards in between, another model instance).
+_PRUNED_ATTRIBUTE = "_vsops_pruned_prefill"
+
+
+def _pruned_record(cache) -> _PrunedCache | None:
+    return None if cache is None else getattr(cache, _PRUNED_ATTRIBUTE, None)
 
 
 class VisionSelector:
@@ -158,7 +165,6 @@ class VisionSelector:
         self.last: Selection | None = None
         self.hooks: list = []  # the integration's hook handles, for reverting
         self._call: _Call | None = None
-        self._pruned: _PrunedCache | None = None
 
     @property
     def method(self) -> SelectionMethod:
@@ -258,8 +264,8 @@ class VisionSelector:
         ``cache_position``: the positions of the ``new_tokens`` in the caller's (unpruned)
         sequence, int64 ``[new_tokens]``, so that a model deriving rope positions from them
         continues at the unpruned length. None for any other cache."""
-        pruned = self._pruned
-        if pruned is None or past_key_values is None or pruned.cache() is not past_key_values:
+        pruned = _pruned_record(past_key_values)
+        if pruned is None:
             return None
         start = past_key_values.get_seq_length() + pruned.full_length - pruned.pruned_mask.shape[1]
         return torch.arange(start, start + new_tokens, device=device)
@@ -281,8 +287,7 @@ class VisionSelector:
                     "VisionSelector cannot add visual tokens to a non-empty cache; start a new cache "
                     "for a prompt with images or videos"
                 )
-            return self._decode_inputs(kwargs, cache)
-        self._pruned = None
+            return self._decode_inputs(kwargs, cache, past)
         if call is None:
             return kwargs
         embeds = kwargs["inputs_embeds"]
@@ -420,34 +425,46 @@ class VisionSelector:
 
                 cache = out["past_key_values"] = DynamicCache(config=config)
             if cache is not None:
-                self._pruned = _PrunedCache(weakref.ref(cache), length, mask)
+                setattr(cache, _PRUNED_ATTRIBUTE, _PrunedCache(length, mask))
         if kwargs.get("cache_position") is not None:
             start = kwargs["cache_position"][:1]
             out["cache_position"] = start + torch.arange(out["inputs_embeds"].shape[1], device=start.device)
         return out
 
-    def _decode_inputs(self, kwargs, cache) -> dict:
-        pruned = self._pruned
-        if pruned is None or pruned.cache() is not cache:
+    def _decode_inputs(self, kwargs, cache, past: int) -> dict:
+        pruned = _pruned_record(cache)
+        if pruned is None:
             return kwargs
         out = dict(kwargs)
         mask = kwargs.get("attention_mask")
         shift = pruned.full_length - pruned.pruned_mask.shape[1]
+        embeds = kwargs.get("inputs_embeds")
+        new_tokens = embeds.shape[1] if embeds is not None else None
+        position = kwargs.get("cache_position")
+        # The caller counts in the unpruned sequence: a step that counts in the pruned cache
+        # (e.g. generate continuing from a pruned cache it did not fill) would misplace tokens.
+        if position is not None and int(position[0]) != past + shift:
+            raise ValueError(
+                f"cache_position starts at {int(position[0])}, but after a pruned prefill the next token is at "
+                f"{past + shift} of the unpruned sequence ({past} cached + {shift} pruned): continue with "
+                "positions and attention_mask in the unpruned sequence's coordinates"
+            )
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 raise ValueError(
                     "after a pruned prefill, decode steps need the 2-D attention mask (a DynamicCache, "
                     "not a static cache with a prepared 4-D mask)"
                 )
-            if mask.shape[1] < pruned.full_length:
+            if new_tokens is not None and mask.shape[1] != past + shift + new_tokens:
                 raise ValueError(
-                    f"attention_mask has {mask.shape[1]} columns, fewer than the {pruned.full_length} "
-                    "tokens of the pruned prefill"
+                    f"attention_mask has {mask.shape[1]} columns; after a pruned prefill it must cover the "
+                    f"unpruned sequence: {past + shift + new_tokens} ({past} cached + {shift} pruned + "
+                    f"{new_tokens} new)"
                 )
             tail = mask[:, pruned.full_length:].to(pruned.pruned_mask.dtype)
             out["attention_mask"] = torch.cat([pruned.pruned_mask, tail], dim=1)
-        if kwargs.get("cache_position") is not None:
-            out["cache_position"] = kwargs["cache_position"] - shift
+        if position is not None:
+            out["cache_position"] = position - shift
         return out
 
 

@@ -328,11 +328,18 @@ def test_a_decode_step_on_the_pruned_cache_equals_a_fresh_prefill(setup):
     position = setup.decode_positions(model, longer, token)
     if position is not None:
         step["position_ids"] = position
+    reused = copy.deepcopy(cache)  # prompt reuse: a copy of the pruned cache decodes as well
     with torch.no_grad():
         decoded = model(**step).logits[:, -1]
         fresh = model(**longer).logits[:, -1]
+        model(**setup.make_batch(PROMPTS), use_cache=False)  # other forwards in between
+        decoded_on_copy = model(**dict(step, past_key_values=reused)).logits[:, -1]
     assert cache.get_seq_length() == kept + 1
     torch.testing.assert_close(decoded, fresh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decoded_on_copy, fresh, rtol=1e-5, atol=1e-5)
+    # a step that counts in the pruned cache's coordinates is refused, not misplaced
+    with pytest.raises(ValueError, match="unpruned sequence"), torch.no_grad():
+        model(**dict(step, past_key_values=copy.deepcopy(reused), cache_position=torch.tensor([kept + 1])))
 
 
 def test_packed_path_equals_padded_path(setup):
@@ -425,6 +432,17 @@ def test_text_only_batches_pass_through(setup):
         expected = model(**batch).logits
         out = patched(model, budget=0.1)(**batch)
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
+
+
+def test_a_failed_call_leaves_nothing_for_the_next(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with pytest.raises(ValueError, match="visionselector_budget"), torch.no_grad():
+        model(**batch, labels=labels, visionselector_budget=1.5)
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.loss is None and out.logits.shape[1] == model(**batch).logits.shape[1]
 
 
 def test_budget_per_call_and_on_the_model(setup):
