@@ -93,15 +93,18 @@ def from_pretrained(
     """
     from transformers import AutoConfig
 
-    from vsops.methods import method_class
+    from vsops.integrations.runtime import VisionSelector
 
-    learned = method is None or (method_class(method) if isinstance(method, str) else type(method)).trainable
+    # The settings are checked before the (long) load.
+    selector_settings = VisionSelector(None, budget=budget, scope=scope, packed=packed, method=method)
+    learned = selector_settings.method.trainable
     if not isinstance(allow_missing_scorer, bool):
         raise TypeError(f"allow_missing_scorer must be a bool, got {type(allow_missing_scorer).__name__}")
     hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
     config = AutoConfig.from_pretrained(path, trust_remote_code=hf_kwargs.get("trust_remote_code", False), **hub)
     adapter = adapter_for(config.model_type)
-    weights = read_scorer_weights(path, **hub)
+    # A training-free method selects without the scorer; it is attached (initialized) all the same.
+    weights = read_scorer_weights(path, **hub) if learned else {}
     if not weights and learned and not allow_missing_scorer:
         raise ValueError(
             f"{path} holds no scorer weights (keys under {SCORER_PREFIXES}); pass allow_missing_scorer=True "

@@ -140,6 +140,12 @@ def image_ids(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, 
     flat = ids.reshape(-1)
     previous = torch.cat([flat.new_full((1,), -1), flat[:-1]])
     starts = (flat >= 0) & (flat != previous)
+    runs = int(starts.sum())
+    if runs != offset:
+        raise ValueError(
+            f"the {offset} images and videos of the grids fill {runs} runs of placeholder tokens: each image or "
+            "video's placeholders must be consecutive"
+        )
     ordinal = torch.cumsum(starts, 0) - 1
     return torch.where(flat >= 0, ordinal, -1).view_as(ids), offset
 

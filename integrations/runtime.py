@@ -309,7 +309,9 @@ class VisionSelector:
                 "(method='visionselector'), or put the model in eval mode"
             )
         b, length = call.visual_mask.shape
-        if isinstance(method, ScoringMethod):
+        # A scoring method that keeps ScoringMethod's select goes through the varlen path, with
+        # the same ranking; one with a select of its own is asked for its answer.
+        if isinstance(method, ScoringMethod) and type(method).select is ScoringMethod.select:
             scores = method.score(visual.tensors[0], cu)
             keep = select_visual_tokens(
                 unpack(scores.detach(), visual.indices, b, length),
@@ -478,6 +480,9 @@ def _checked(chosen, method, x, k, cu) -> Selected:
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (x.shape[0],):
         raise ValueError(f"the {name!r} method must return a bool keep mask [{x.shape[0]}], got "
                          f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
+    for what, tensor in (("keep mask", keep), ("embeds", chosen.embeds)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"the {name!r} method's {what} is on {tensor.device}, the tokens on {x.device}")
     segment = torch.repeat_interleave(torch.arange(k.numel(), device=x.device), cu.diff().long())
     kept = torch.zeros_like(k).index_add_(0, segment, keep.long())
     if not bool(torch.equal(kept, k)):

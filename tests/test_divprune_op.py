@@ -7,7 +7,7 @@ import torch
 from vsops import backends, reference
 from vsops.ops import divprune as ops
 
-BACKENDS = [b for b in ops.implemented() if b != "cuda" or backends.available()["cuda"]]
+BACKENDS = [b for b in ops.implemented() if backends.available()[b]]
 # The Triton interpreter (CI has no GPU) runs numpy per program: small inputs only there.
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,7 +25,8 @@ def packed(lengths, d=12, dtype=torch.float32, seed=0):
 
 
 def test_the_kernels_are_registered():
-    assert {"cpu", "triton", "reference", "cuda"} <= set(ops.implemented())
+    assert {"cpu", "triton", "reference"} <= set(ops.keep.backends())
+    assert ("cuda" in ops.implemented()) == backends.available()["cuda"]
     for name in ops.keep.op_names():
         assert hasattr(torch.ops.vsops, name), name
 
@@ -114,3 +115,17 @@ def test_ties_across_tiles_go_to_the_lower_index(backend):
     device = device_for(backend)
     got = ops.keep.op(backend)(x.to(device), k.to(device), cu.to(device)).cpu()
     assert got.nonzero().squeeze(1).tolist() == [0, 10]
+
+
+@pytest.mark.parametrize(
+    "k, cu, error, match",
+    [
+        (torch.tensor([4]), torch.tensor([0, 3], dtype=torch.int32), ValueError, "k must be in"),
+        (torch.tensor([1], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), TypeError, "int64"),
+        (torch.tensor([1]), torch.tensor([0, 2], dtype=torch.int32), ValueError, "cu_seqlens"),
+        (torch.tensor([1, 1]), torch.tensor([0, 3], dtype=torch.int32), ValueError, "one entry per segment"),
+    ],
+)
+def test_the_python_backends_get_the_same_checks(k, cu, error, match):
+    with pytest.raises(error, match=match):
+        ops.divprune_keep(torch.randn(3, 2), k, cu)

@@ -630,6 +630,10 @@ def test_registry_errors_name_what_is_wrong(tmp_path):
         apply_visionselector_to_llava_ov_1_5(None)
     with pytest.raises(ValueError, match="method"):
         from_pretrained(tmp_path, method="fastv")
+    with pytest.raises(TypeError, match="method must be"):
+        from_pretrained(tmp_path, method=5)
+    with pytest.raises(ValueError, match="budget"):
+        from_pretrained(tmp_path, budget=2.0)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="'llama'"):
         from_pretrained(tmp_path)

@@ -154,3 +154,20 @@ def test_the_registry():
         from vsops.methods import registry
 
         registry._METHODS.pop("test_first_tokens")
+
+
+def test_a_nan_score_ranks_as_minus_infinity_as_in_the_varlen_path():
+    from vsops.varlen import select_visual_tokens
+
+    class Fixed(methods.ScoringMethod):
+        name = "test_fixed"
+
+        def score(self, x, cu_seqlens):
+            return torch.tensor([float("nan"), float("-inf"), 0.5, 0.2])
+
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    keep = Fixed().select(torch.zeros(4, 2), torch.tensor([3]), cu).keep
+    assert keep.tolist() == [True, False, True, True]  # NaN ties -inf, the lower index wins
+    varlen = select_visual_tokens(torch.tensor([[float("nan"), float("-inf"), 0.5, 0.2]]),
+                                  torch.ones(1, 4, dtype=torch.bool), 0.75)
+    assert varlen[0].tolist() == keep.tolist()

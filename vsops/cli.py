@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         info()
     else:
-        if args.model == "llava_ov_1_5":
+        if args.model == "llava_ov_1_5" and args.op in ("all", "prefill"):
             from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason
 
             if unavailable_reason():

@@ -71,14 +71,17 @@ class SelectionMethod:
 
 class ScoringMethod(SelectionMethod):
     """A method that rates every token: :meth:`score`, then the hard top-k of each segment
-    (ties to the lower index, NaN below every number)."""
+    (ties to the lower index; a NaN score ranks as -inf, as in
+    :func:`vsops.varlen.select_visual_tokens`, which the runtime uses for scoring methods)."""
 
     def score(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """float32 ``[total]`` scores of the packed tokens ``x [total, D]``."""
         raise NotImplementedError
 
     def select(self, x, k, cu_seqlens) -> Selected:
-        return Selected(topk_mask(self.score(x, cu_seqlens).detach(), k, cu_seqlens=cu_seqlens))
+        scores = self.score(x, cu_seqlens).detach()
+        scores = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
+        return Selected(topk_mask(scores, k, cu_seqlens=cu_seqlens))
 
 
 def segments_of(x: torch.Tensor, k, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

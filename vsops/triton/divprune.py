@@ -53,7 +53,7 @@ def _nearest_kernel(unit_ptr, cu_ptr, nearest_ptr, D,
                             mask=(rows[:, None] < n) & (f[None, :] < D), other=0.0)
                 b = tl.load(unit_ptr + (start + cols)[None, :] * D + f[:, None],
                             mask=(cols[None, :] < n) & (f[:, None] < D), other=0.0)
-                acc += tl.dot(a, b)
+                acc += tl.dot(a, b, input_precision="ieee")  # float32 products, not TF32
             valid = (cols[None, :] < n) & (cols[None, :] != rows[:, None])
             nan_seen = nan_seen | (tl.sum((valid & (acc != acc)).to(tl.int32), 1) > 0)
             best = tl.maximum(best, tl.max(tl.where(valid & (acc == acc), acc, float("-inf")), 1))
@@ -78,7 +78,7 @@ def _greedy_kernel(unit_ptr, cu_ptr, k_ptr, nearest_ptr, distance_ptr, keep_ptr,
     segment = tl.program_id(0)
     start = tl.load(cu_ptr + segment).to(tl.int64)
     n = tl.load(cu_ptr + segment + 1).to(tl.int64) - start
-    count = tl.load(k_ptr + segment)
+    count = tl.minimum(tl.maximum(tl.load(k_ptr + segment), 0), n)  # never past the segment
     offs = tl.arange(0, BLOCK)
     feats = tl.arange(0, BLOCK_D)
     # The first pick: the largest nearest-neighbour distance.
