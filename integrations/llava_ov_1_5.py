@@ -7,9 +7,10 @@ checkpoint is loaded, so it is patched per instance, or loaded patched::
     model = from_pretrained("path/to/VisionSelector-LLaVA-OV-1.5-8B", budget=0.2, trust_remote_code=True)
 
 As published: the scorer (text hidden size -> hidden / 2) sits at ``model.visual.importance_scorer``
-and scores the merger's output; one budget over all visual tokens of a sample (``scope="image"``
-too); the language model (Qwen3) takes 1-D rope positions, and kept tokens keep theirs; decode
-positions continue at the unpruned length.
+and scores the merger's output, with one budget over all visual tokens of a sample (and, beyond
+the published code, ``scope="image"``: one per image or video); the language model (Qwen3) takes
+1-D rope positions, and kept tokens keep theirs; decode positions continue at the unpruned
+length.
 """
 from __future__ import annotations
 

@@ -91,7 +91,9 @@ def is_visionselector_applied(model: nn.Module | None = None) -> bool:
     """Whether ``model`` (or, with None, any transformers class) carries the selector."""
     if model is None:
         return bool(_class_patch)
-    return isinstance(getattr(model, "visionselector", None), VisionSelector)
+    selector = getattr(model, "visionselector", None)
+    # A selector without hooks was reverted through the multimodal model inside this one.
+    return isinstance(selector, VisionSelector) and bool(selector.hooks)
 
 
 def revert_visionselector(model: nn.Module | None = None) -> None:
@@ -107,11 +109,17 @@ def revert_visionselector(model: nn.Module | None = None) -> None:
     if not isinstance(selector, VisionSelector):
         raise ValueError(f"{type(model).__name__} does not carry a VisionSelector")
     adapter = _adapter_of(model, None)
+    if not selector.hooks:
+        # Reverted already, through the multimodal model inside this one: only the attribute is left.
+        model.__dict__.pop("visionselector", None)
+        return
     for handle in selector.hooks:
         handle.remove()
     selector.hooks.clear()
     top, inner = adapter.split(model)
-    delattr(adapter.vision_tower(inner), SCORER_ATTRIBUTE)
+    tower = adapter.vision_tower(inner)
+    if hasattr(tower, SCORER_ATTRIBUTE):
+        delattr(tower, SCORER_ATTRIBUTE)
     for module in (top, inner, adapter.language_model(inner)):
         if module is not None:
             module.__dict__.pop("visionselector", None)

@@ -8,9 +8,12 @@ and route the language model's keyword arguments through
 :meth:`VisionSelector.language_model_inputs`. The selection itself is the public varlen path
 (:func:`vsops.varlen.select_visual_tokens`, :func:`vsops.varlen.kept_counts`,
 :func:`vsops.varlen.select_and_pack` / :func:`~vsops.varlen.select_and_pad`), the one
-``vsops bench --op varlen`` measures. Host syncs per prefill: one to read the visual and real
-token counts of each sample (and image), plus the one :func:`~vsops.varlen.select_visual_tokens`
-documents for ``scope="image"``; the packs and pads then run on host counts.
+``vsops bench --op varlen`` measures; the packs and pads run on host counts. Host syncs per
+prefill: one to read the visual and real token counts of each sample (and image); with
+``scope="image"``, the image-id assignment's checks and the one
+:func:`~vsops.varlen.select_visual_tokens` documents; with a method that returns a keep mask
+rather than scores, one to check its counts. Per decode step on a pruned cache: one, reading
+``cache_position[0]`` to check the caller counts in the unpruned sequence.
 """
 from __future__ import annotations
 

@@ -478,6 +478,13 @@ def test_apply_and_revert_on_an_instance(setup):
         torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not carry"):
         revert_visionselector(model)
+    # reverting through the multimodal model reverts the generation model around it
+    apply_visionselector(model, budget=0.25)
+    revert_visionselector(model.model)
+    assert not is_visionselector_applied(model) and set(model.state_dict()) == keys_before
+    revert_visionselector(model)  # what is left is cleared, without an error
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)
 
 
 def test_bad_input_gives_clear_errors(setup):
