@@ -4,23 +4,8 @@ import pytest
 import torch
 
 import vsops.methods as methods
+from vsops.bench_methods import published_divprune
 from vsops.methods import Selected, SelectionMethod, register_method
-
-
-def published_divprune(x: torch.Tensor, k: int) -> torch.Tensor:
-    """DivPrune as published (vbdi/divprune), with the token count k in place of its
-    round(ratio * n): the full n x n cosine-distance matrix, then the greedy loop. Returns the
-    picked indices in pick order."""
-    unit = x / x.norm(dim=1, keepdim=True)
-    distance = 1.0 - unit @ unit.T
-    picked = torch.empty(k, dtype=torch.long)
-    for i in range(k):
-        if i == 0:
-            scores = torch.topk(distance, 2, dim=0, largest=False).values[1, :]
-        else:
-            scores = torch.min(distance[picked[:i]], dim=0).values
-        picked[i] = torch.argmax(scores)
-    return picked
 
 
 def as_mask(indices, n):

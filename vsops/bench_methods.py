@@ -32,8 +32,10 @@ def tokens(n: int, device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 
 
 def published_divprune(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The published DivPrune (vbdi/divprune) with ``k`` picks: the full cosine-distance matrix,
-    then for pick i the minimum over the rows of the i picks so far. Returns the indices."""
+    """The published DivPrune (vbdi/divprune) with ``k`` picks in place of its ``round(ratio *
+    n)``: the full cosine-distance matrix, then for pick i the minimum over the rows of the i
+    picks so far. Returns the picked indices in pick order (a token may repeat, as published).
+    The benchmark's baseline and the tests' oracle."""
     unit = x / x.norm(dim=1, keepdim=True)
     distance = 1.0 - unit @ unit.T
     picked = torch.empty(k, dtype=torch.long, device=x.device)

@@ -133,7 +133,7 @@ def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
     full = k == lengths.to(k.dtype)
     nearest = torch.empty(total, dtype=torch.float32, device=x.device)
     distance = torch.full((total,), float("inf"), dtype=torch.float32, device=x.device)
-    longest = int(lengths.max().item()) if segments else 0  # the grid needs it: one host sync
+    longest = int(lengths.max().item())  # the grid needs it: one host sync
     _nearest_kernel[(segments, triton.cdiv(max(longest, 1), BLOCK_M))](
         unit, cu_seqlens, nearest, dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
     )
