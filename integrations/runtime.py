@@ -304,7 +304,6 @@ class VisionSelector:
         visual = select_and_pack(call.visual_mask, embeds, counts=counts.visual)
         segments = counts.segments()
         cu = cu_seqlens_from_counts(segments, embeds.device)
-        k = budget_to_k(torch.tensor(segments), call.budget).to(embeds.device)
         method = self.method
         if call.training and not method.trainable:
             raise ValueError(
@@ -324,8 +323,9 @@ class VisionSelector:
                 image_index=self._image_index(call) if call.scope == "image" else None,
             )
             if call.training:
-                return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual)
+                return self._soft_inputs(kwargs, call, scores, self._segment_k(segments, call, cu), cu, keep, visual)
         else:
+            k = self._segment_k(segments, call, cu)
             chosen = _checked(method.select(visual.tensors[0], k, cu), method, visual.tensors[0], k, cu)
             keep = unpack(chosen.keep, visual.indices, b, length) | ~call.visual_mask
             if chosen.embeds is not None:
@@ -359,6 +359,12 @@ class VisionSelector:
         # Ids follow the order of appearance, so a sample's ids in increasing order are its
         # images in the packed order of its visual tokens.
         return _Counts(visual_counts, real_counts, [[n for n in r[2:] if n > 0] for r in rows])
+
+    @staticmethod
+    def _segment_k(segments: list[int], call: _Call, cu: torch.Tensor) -> torch.Tensor:
+        """int64 ``[S]``: tokens kept per segment, on the tokens' device. Only the soft mask and
+        methods that return a keep mask need it; the varlen path derives k itself."""
+        return budget_to_k(torch.tensor(segments), call.budget).to(cu.device)
 
     @staticmethod
     def _image_index(call: _Call) -> torch.Tensor:
