@@ -29,6 +29,8 @@ class ModelAdapter:
         visual_inputs: forward keywords whose presence means the call carries images or videos.
         remote_code: True when the model's classes come from the checkpoint
             (``trust_remote_code``), so that only instances can be patched.
+        vision_class_token: True when the vision tower opens each attention segment with a
+            CLS token (whose attention row is the one VisionZip reads).
     """
 
     name: str = ""
@@ -36,6 +38,7 @@ class ModelAdapter:
     position_rows: int = 1
     visual_inputs: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
     remote_code: bool = False
+    vision_class_token: bool = False
 
     # -- recognizing the model ----------------------------------------------------------------
 
@@ -78,6 +81,22 @@ class ModelAdapter:
 
     def language_model(self, inner: nn.Module) -> nn.Module:
         return inner.language_model
+
+    def vision_attention_layer(self, tower: nn.Module) -> nn.Module:
+        """The attention module whose attention methods such as VisionZip read: the last
+        full-attention block's (``qkv`` a fused projection laid out ``[S, 3, heads, head_dim]``,
+        ``num_heads``; called with ``cu_seqlens`` and rotary ``position_embeddings``)."""
+        full = getattr(tower, "fullatt_block_indexes", None)
+        return tower.blocks[full[-1] if full else -1].attn
+
+    def merge_unit(self, tower: nn.Module) -> int:
+        """Patches per visual token (the merger joins ``merge x merge`` patches)."""
+        return tower.spatial_merge_size**2
+
+    def vision_merged_order(self, tower: nn.Module, grid: torch.Tensor) -> torch.Tensor | None:
+        """For each visual token of a tower call in output order, its index in the attention
+        layer's order of merge units; None when the orders agree."""
+        return None
 
     def scorer_size(self, inner: nn.Module) -> int:
         """The scorer's input size: the language model's hidden size, which the merger emits."""

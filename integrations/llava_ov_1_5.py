@@ -28,6 +28,7 @@ class LlavaOneVision1_5Adapter(ModelAdapter):
     model_types = ("llavaonevision1_5",)
     position_rows = 1
     remote_code = True
+    vision_class_token = True  # RICE opens each image with a CLS token
 
     def class_names(self):
         return "LLaVAOneVision1_5_ForConditionalGeneration", "LLaVAOneVision1_5_Model"

@@ -51,6 +51,20 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def load(self, path, **hf_kwargs):
         return self.classes()[1].from_pretrained(path, **hf_kwargs)
 
+    def vision_merged_order(self, tower, grid):
+        # The tower runs its blocks on merge units in window order and restores the order after
+        # the merger; the attention layer's rows follow the window order.
+        if hasattr(tower, "get_window_index"):  # transformers 4.x
+            window_index, _ = tower.get_window_index(grid)
+        else:
+            from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+            window_index, _ = modeling.get_vision_window_index(
+                grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size,
+                patch_size=tower.patch_size,
+            )
+        return torch.argsort(window_index)
+
     def extra_inputs(self, input_ids, config):
         kinds = mm_token_type_ids(input_ids, config.image_token_id, config.video_token_id)
         return {} if kinds is None else {"mm_token_type_ids": kinds}

@@ -24,7 +24,14 @@ import torch
 
 from vsops.budget import budget_to_k, check_budget
 from vsops.difftopk import constraint_loss, difftopk
-from vsops.methods import ScoringMethod, Selected, SelectionMethod, VisionSelectorMethod, make_method
+from vsops.methods import (
+    VISION_ATTENTION,
+    ScoringMethod,
+    Selected,
+    SelectionMethod,
+    VisionSelectorMethod,
+    make_method,
+)
 from vsops.methods.registry import DEFAULT as DEFAULT_METHOD
 from vsops.varlen import (
     SCOPES,
@@ -90,6 +97,7 @@ class _Call:
     attention_mask: torch.Tensor | None
     budget: float
     training: bool
+    kinds: torch.Tensor | None = None  # int64 [B, L]: the placeholder kind of each token, -1 for text
 
 
 @dataclasses.dataclass
@@ -145,6 +153,9 @@ class VisionSelector:
             is used), True (same, but raise when that is impossible) or False (always pad).
         position_rows: rows of the rope position ids the language model takes (3 for M-RoPE,
             1 for plain RoPE); set by the model's adapter.
+        vision_capture: what reads the vision tower's attention for methods that need it
+            (:class:`~vsops.integrations.vision_attention.VisionAttentionCapture`); set by the
+            integration, None where there is none.
     """
 
     def __init__(
@@ -167,6 +178,7 @@ class VisionSelector:
         self.position_rows = position_rows
         self.last: Selection | None = None
         self.hooks: list = []  # the integration's hook handles, for reverting
+        self.vision_capture = None
         self._call: _Call | None = None
 
     @property
@@ -234,7 +246,8 @@ class VisionSelector:
 
     # -- per-call protocol -------------------------------------------------------------------
 
-    def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False) -> None:
+    def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False,
+                   kinds=None) -> None:
         """Called by the integration before the multimodal forward: which tokens are visual.
 
         Args:
@@ -247,6 +260,9 @@ class VisionSelector:
             items: the number of images and videos of the call (a host int).
             budget: this call's budget, overriding :attr:`budget`.
             training: soft-mask training (all tokens stay) instead of pruning.
+            kinds: int64 ``[B, L]``, the kind of visual input of each token (an index the
+                :attr:`vision_capture` knows), -1 elsewhere; needed by methods that read the
+                vision tower's attention.
         """
         self.last = None
         if visual_mask is None:
@@ -255,7 +271,7 @@ class VisionSelector:
         budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
-        self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, budget, training)
+        self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, budget, training, kinds)
 
     def end_call(self) -> Selection | None:
         """Ends the call; returns what was selected (also kept as :attr:`last`)."""
@@ -326,7 +342,8 @@ class VisionSelector:
                 return self._soft_inputs(kwargs, call, scores, self._segment_k(segments, call, cu), cu, keep, visual)
         else:
             k = self._segment_k(segments, call, cu)
-            chosen = _checked(method.select(visual.tensors[0], k, cu), method, visual.tensors[0], k, cu)
+            extra = {"vision": self._vision_attention(call, method)} if VISION_ATTENTION in method.needs else {}
+            chosen = _checked(method.select(visual.tensors[0], k, cu, **extra), method, visual.tensors[0], k, cu)
             keep = unpack(chosen.keep, visual.indices, b, length) | ~call.visual_mask
             if chosen.embeds is not None:
                 # The method's embeddings take the kept tokens' places before the gather.
@@ -365,6 +382,12 @@ class VisionSelector:
         """int64 ``[S]``: tokens kept per segment, on the tokens' device. Only the soft mask and
         methods that return a keep mask need it; the varlen path derives k itself."""
         return budget_to_k(torch.tensor(segments), call.budget).to(cu.device)
+
+    def _vision_attention(self, call: _Call, method):
+        if self.vision_capture is None or call.kinds is None:
+            raise ValueError(f"the {method.name!r} method needs the vision tower's attention, which this "
+                             "integration did not capture for this call")
+        return self.vision_capture.collect(call.kinds[call.visual_mask])
 
     @staticmethod
     def _image_index(call: _Call) -> torch.Tensor:

@@ -116,6 +116,39 @@ at::Tensor divprune_keep(const at::Tensor& x, const at::Tensor& k, const at::Ten
   return keep;
 }
 
+// lse and the per-head column sums are workspaces from the caching allocator (stream-ordered,
+// so freeing them here while the kernels still run is safe); every key's output is written, 0
+// for a segment without queries.
+at::Tensor attention_received(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+                              const at::Tensor& cu_seqlens_k, double scale) {
+  check_attention_received_inputs(q, k, cu_seqlens_q, cu_seqlens_k, scale);
+  const int64_t heads = q.size(1);
+  TORCH_CHECK_VALUE(heads <= cuda::kMaxAttentionReceivedHeads, "vsops: attention_received takes at most ",
+                    cuda::kMaxAttentionReceivedHeads, " heads on CUDA, got ", heads);
+  const cuda::ScalarKind dtype = scalar_kind(q.scalar_type());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::TensorOptions options = k.options().dtype(state_dtype_for(q.scalar_type()));
+  at::Tensor out = at::empty({k.size(0)}, options);
+  at::Tensor lse = at::empty({q.size(0), heads}, options);
+  at::Tensor partial = at::empty({heads, k.size(0)}, options);
+  const cuda::AttentionReceivedParams params{q.const_data_ptr(),
+                                             k.const_data_ptr(),
+                                             cu_seqlens_q.const_data_ptr<int32_t>(),
+                                             cu_seqlens_k.const_data_ptr<int32_t>(),
+                                             lse.mutable_data_ptr(),
+                                             partial.mutable_data_ptr(),
+                                             out.mutable_data_ptr(),
+                                             cu_seqlens_q.numel() - 1,
+                                             q.size(0),
+                                             k.size(0),
+                                             heads,
+                                             q.size(2),
+                                             scale,
+                                             dtype};
+  check_launch(cuda::launch_attention_received(params, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 cuda::LisLayout lis_layout(const LisShape& shape, const std::optional<at::Tensor>& cu_seqlens) {
   return cuda::LisLayout{
       cuda::SegmentLayout{cu_seqlens_data(cu_seqlens), shape.num_segments, shape.row_length},
@@ -236,4 +269,5 @@ TORCH_LIBRARY_IMPL(vsops, CUDA, m) {
   m.impl("varlen_pack", &vsops::varlen_pack);
   m.impl("varlen_unpack", &vsops::varlen_unpack);
   m.impl("divprune_keep", &vsops::divprune_keep);
+  m.impl("attention_received", &vsops::attention_received);
 }

@@ -3,6 +3,7 @@
 // keep direct torch.ops.vsops.* calls from reading out of bounds.
 #pragma once
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -95,6 +96,27 @@ inline void check_divprune_inputs(const at::Tensor& x, const at::Tensor& k, cons
                     "vsops: k must be a contiguous [", segments, "] tensor, got shape ", k.sizes());
   TORCH_CHECK_VALUE(k.device() == x.device(), "vsops: k must be on the device of x");
   if (k.device().is_cpu()) check_k_on_host(k, cu_seqlens.data_ptr<int32_t>(), 0);
+}
+
+// The attention-received op's q [Tq, H, d] and k [Tk, H, d] (one float dtype, one device) and
+// their int32 cu_seqlens [S + 1], one pair of segments per entry.
+inline void check_attention_received_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+                                            const at::Tensor& cu_seqlens_k, double scale) {
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()),
+                   "vsops: q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "vsops: q and k must have one dtype, got ",
+                   q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous(), "vsops: q must be a contiguous [T, H, d] tensor, got shape ",
+                    q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 3 && k.is_contiguous() && k.size(1) == q.size(1) && k.size(2) == q.size(2),
+                    "vsops: k must be a contiguous [T, H, d] tensor with the heads and head size of q, got shape ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(k.device() == q.device(), "vsops: k must be on the device of q");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "vsops: scale must be finite");
+  check_cu_seqlens(cu_seqlens_q, q.device(), q.size(0));
+  check_cu_seqlens(cu_seqlens_k, q.device(), k.size(0));
+  TORCH_CHECK_VALUE(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
+                    "vsops: cu_seqlens_q and cu_seqlens_k must have one entry per segment each");
 }
 
 inline const int32_t* cu_seqlens_data(const std::optional<at::Tensor>& cu_seqlens) {

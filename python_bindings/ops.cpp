@@ -19,6 +19,9 @@ TORCH_LIBRARY(vsops, m) {
   m.def("varlen_pack(Tensor keep, SymInt total, Tensor[] rows) -> (Tensor, Tensor[])");
   m.def("varlen_unpack(Tensor packed, Tensor indices, SymInt rows, Scalar fill) -> Tensor");
   m.def("divprune_keep(Tensor x, Tensor k, Tensor cu_seqlens) -> Tensor");
+  m.def(
+      "attention_received(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float scale) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vsops, CPU, m) {
@@ -33,4 +36,5 @@ TORCH_LIBRARY_IMPL(vsops, CPU, m) {
   m.impl("varlen_pack", &vsops::cpu::varlen_pack);
   m.impl("varlen_unpack", &vsops::cpu::varlen_unpack);
   m.impl("divprune_keep", &vsops::cpu::divprune_keep);
+  m.impl("attention_received", &vsops::cpu::attention_received);
 }

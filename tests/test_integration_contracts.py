@@ -29,6 +29,7 @@ from vsops.integrations import (  # noqa: E402
 from vsops.integrations.testing import TOKENS  # noqa: E402
 
 from model_setups import SETUPS  # noqa: E402
+from vision_oracle import vision_attention_by_hand  # noqa: E402
 
 # Sample 0: text, an image (16 tokens), text. Sample 1: text, an image (8), a video (2 frames of
 # 8 tokens), text. Sample 2: text only. Left padding.
@@ -205,7 +206,14 @@ def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope)
     cu = visual_segments(batch, scope)
     k = [vsops.budget_to_k(int(n), budget) for n in cu.diff()]
     expected = ~visual & batch["attention_mask"].bool()
-    expected[visual] = getattr(vsops.methods, method)(embeds[visual], k, cu_seqlens=cu)
+    if vsops.methods.VISION_ATTENTION in vsops.methods.method_class(method).needs:
+        received, keys = vision_attention_by_hand(setup, model, batch)
+        chosen = getattr(vsops.methods, method)(embeds[visual], k, received, keys, cu_seqlens=cu)
+        expected[visual] = chosen.keep
+        embeds = embeds.clone()
+        embeds[visual] = chosen.embeds
+    else:
+        expected[visual] = getattr(vsops.methods, method)(embeds[visual], k, cu_seqlens=cu)
     torch.testing.assert_close(out.visionselector.keep, expected, rtol=0, atol=0)
     assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
 

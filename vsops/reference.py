@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "attention_received",
     "divprune_keep",
     "divprune_keeps_similarity",
     "difftopk_forward",
@@ -381,3 +382,40 @@ def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
             choice = _divprune_argmax(distance, picked)
         keep[start:end] = picked
     return keep
+
+
+# Query rows of one attention tile: about 16M logits whatever the segment length, so the
+# reference never holds a head's n x n attention.
+_ATTENTION_TILE_ELEMENTS = 1 << 24
+
+
+def attention_received(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The attention each key receives, averaged over heads and over its segment's queries:
+    float32 ``[Tk]`` (float64 for float64 input).
+
+    ``q [Tq, H, d]`` and ``k [Tk, H, d]`` are packed by segment (``cu_seqlens_q``,
+    ``cu_seqlens_k`` int32 ``[S + 1]``): the queries of segment ``s`` attend to the keys of
+    segment ``s`` only. For key ``j`` of segment ``s`` with ``n_q`` queries,
+    ``out[j] = (1 / (H n_q)) sum_h sum_i softmax_j(scale * q[i, h] . k[:, h])[j]``; a segment
+    without queries gives 0 to its keys. So the keys of a segment with queries sum to 1.
+    Accumulated in float32 (float64 for float64), over tiles of query rows.
+    """
+    dtype = state_dtype_for(q.dtype)
+    out = torch.zeros(k.shape[0], dtype=dtype, device=k.device)
+    heads = q.shape[1]
+    for (qa, qb), (ka, kb) in zip(zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:]),
+                                  zip(cu_seqlens_k.tolist()[:-1], cu_seqlens_k.tolist()[1:])):
+        n_q, n_k = qb - qa, kb - ka
+        if n_q == 0 or n_k == 0:
+            continue
+        queries = q[qa:qb].to(dtype).transpose(0, 1)  # [H, n_q, d]
+        keys = k[ka:kb].to(dtype).transpose(0, 1)  # [H, n_k, d]
+        rows = max(1, _ATTENTION_TILE_ELEMENTS // (heads * n_k))
+        received = torch.zeros(n_k, dtype=dtype, device=k.device)
+        for r in range(0, n_q, rows):
+            logits = torch.matmul(queries[:, r : r + rows], keys.transpose(1, 2)) * scale
+            received += logits.softmax(-1).sum((0, 1))
+        out[ka:kb] = received / (heads * n_q)
+    return out

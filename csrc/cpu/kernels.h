@@ -41,5 +41,8 @@ at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, in
 
 at::Tensor divprune_keep(const at::Tensor& x, const at::Tensor& k, const at::Tensor& cu_seqlens);
 
+at::Tensor attention_received(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+                              const at::Tensor& cu_seqlens_k, double scale);
+
 }  // namespace cpu
 }  // namespace vsops

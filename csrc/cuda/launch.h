@@ -150,6 +150,33 @@ constexpr int64_t kMaxDivPruneSegments = 65535;
 
 cudaError_t launch_divprune(const DivPruneParams& params, cudaStream_t stream);
 
+// Attention received by each key (vsops/ops/attention_received.py): q [num_queries, heads, dim]
+// and k [num_keys, heads, dim] of dtype, packed by segment with the device cu_seqlens_q and
+// cu_seqlens_k (int32 [num_segments + 1] each; the queries of segment s attend to its keys).
+// lse [num_queries, heads] and partial [heads, num_keys] are scratch and out [num_keys] the
+// result, all in the accumulation type (float64 when dtype is kFloat64, float32 otherwise).
+struct AttentionReceivedParams {
+  const void* q;
+  const void* k;
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  void* lse;
+  void* partial;
+  void* out;
+  int64_t num_segments;
+  int64_t num_queries;
+  int64_t num_keys;
+  int64_t heads;
+  int64_t dim;
+  double scale;
+  ScalarKind dtype;
+};
+
+// Heads ride on grid.y.
+constexpr int64_t kMaxAttentionReceivedHeads = 65535;
+
+cudaError_t launch_attention_received(const AttentionReceivedParams& params, cudaStream_t stream);
+
 // Rows of the partial-sum workspace launch_lis_segment_sum needs; known on the host whatever
 // the lengths in a device cu_seqlens.
 int64_t lis_segment_sum_workspace_rows(const LisLayout& layout);

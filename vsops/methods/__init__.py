@@ -5,11 +5,19 @@ VisionSelector scorer and the training-free selectors it is compared against.
     vsops.methods.available()                       # ['visionselector', 'divprune', ...]
     keep = vsops.methods.divprune(x, 64)            # x [N, D] -> bool [N], 64 True
     keep = vsops.methods.norm(x, k, cu_seqlens=cu)  # packed segments, one k each
+    chosen = vsops.methods.visionzip(x, k, received, keys)  # .keep, .embeds (merged tokens)
 
 In a model: ``apply_visionselector(model, method="divprune", budget=0.1)``, or
 ``model.visionselector.using(method="random")``.
 """
-from vsops.methods.base import VISION_ATTENTION, VISUAL_TOKENS, ScoringMethod, Selected, SelectionMethod
+from vsops.methods.base import (
+    VISION_ATTENTION,
+    VISUAL_TOKENS,
+    ScoringMethod,
+    Selected,
+    SelectionMethod,
+    VisionAttention,
+)
 from vsops.methods.divprune import DivPruneMethod, divprune
 from vsops.methods.registry import available, make_method, method_class, register_method
 from vsops.methods.scoring import (
@@ -21,6 +29,7 @@ from vsops.methods.scoring import (
     norm,
     random,
 )
+from vsops.methods.visionzip import VisionZipMethod, visionzip
 
 __all__ = [
     "available",
@@ -30,6 +39,7 @@ __all__ = [
     "SelectionMethod",
     "ScoringMethod",
     "Selected",
+    "VisionAttention",
     "VISUAL_TOKENS",
     "VISION_ATTENTION",
     "VisionSelectorMethod",
@@ -37,8 +47,10 @@ __all__ = [
     "NormMethod",
     "MeanAttentionMethod",
     "DivPruneMethod",
+    "VisionZipMethod",
     "random",
     "norm",
     "mean_attention",
     "divprune",
+    "visionzip",
 ]

@@ -14,13 +14,15 @@ __all__ = [
     "VISUAL_TOKENS",
     "VISION_ATTENTION",
     "Selected",
+    "VisionAttention",
     "SelectionMethod",
     "ScoringMethod",
     "segments_of",
 ]
 
 # What a method may need. The runtime hands every method the visual tokens entering the
-# language model; methods needing attention inside the vision tower say so.
+# language model; methods needing attention inside the vision tower say so, and get it as the
+# ``vision`` keyword of select (a VisionAttention).
 VISUAL_TOKENS = "visual_tokens"
 VISION_ATTENTION = "vision_attention"
 
@@ -38,6 +40,24 @@ class Selected:
 
     keep: torch.Tensor
     embeds: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class VisionAttention:
+    """What one attention layer of the vision tower says about each visual token, in the packed
+    order of the tokens (rows of a merge unit's patches averaged into their token).
+
+    Attributes:
+        received: float32 ``[total]``: the softmax attention the token's patches receive, from
+            the tower's CLS query where it has one, else averaged over heads and over the
+            queries of the token's attention segment (an image, or a video frame); multiplied
+            by the segment's patch count, so that uniform attention is 1 whatever the image size.
+        keys: float ``[total, d]``: the layer's keys (before the rotary embedding, which would
+            make their similarity partly one of position) averaged over heads and patches.
+    """
+
+    received: torch.Tensor
+    keys: torch.Tensor
 
 
 class SelectionMethod:
@@ -59,6 +79,9 @@ class SelectionMethod:
             x: ``[total, D]`` packed visual tokens (any float dtype).
             k: int64 ``[S]``, tokens to keep per segment, each in ``[0, n_s]``.
             cu_seqlens: int32 ``[S + 1]`` segment offsets into ``x``.
+
+        Methods whose ``needs`` include ``VISION_ATTENTION`` also take ``vision``, a
+        :class:`VisionAttention` of the same tokens.
         """
         raise NotImplementedError
 
