@@ -1,6 +1,7 @@
 """Selection-method benchmarks (pytest-benchmark): DivPrune against the published algorithm
-(full n x n matrix + greedy loop) with the one-product compute bound, and every method's
-selection time per image, at D = 3584, budget 0.1.
+(full n x n matrix + greedy loop) with the one-product compute bound, VisionZip's attention
+received against the attention weights formed whole with its two-product bound, and every
+method's selection time per image, at D = 3584, budget 0.1.
 
     python -m pytest benchmarks/test_bench_methods.py --benchmark-only
 
@@ -29,6 +30,21 @@ def test_divprune_against_the_published_algorithm(benchmark, n):
         bench.seconds(lambda: bench_methods.published_divprune(x, k)) / ours, 2
     )
     benchmark.extra_info["share_of_compute_bound"] = round(bench.seconds(bench_methods.bound_fn(x)) / ours, 3)
+
+
+@pytest.mark.parametrize("n", bench_methods.METHOD_SIZES)
+def test_attention_received_against_materialized_attention(benchmark, n):
+    q, k = bench_methods.vision_queries_keys(bench_methods.MERGE_UNIT * n, DEVICE)
+    benchmark.group = f"attention-received-N={n}"
+    benchmark(bench_methods.attention_received_fn(q, k))
+    if benchmark.disabled:
+        return
+    ours = benchmark.stats.stats.median
+    if bench_methods.measure_attention(n, DEVICE).materialized_ms is not None:
+        benchmark.extra_info["speedup_vs_materialized"] = round(
+            bench.seconds(bench_methods.materialized_attention_fn(q, k)) / ours, 2
+        )
+    benchmark.extra_info["share_of_compute_bound"] = round(1e-3 * bench_methods.attention_bound_ms(q, k) / ours, 3)
 
 
 @pytest.mark.parametrize("name", available())

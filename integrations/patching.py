@@ -18,7 +18,6 @@ from vsops.integrations.adapter import ModelAdapter, adapter_for
 from vsops.integrations.outputs import attach_selection, causal_lm_loss
 from vsops.integrations.runtime import VisionSelector
 from vsops.integrations.vision_attention import VisionAttentionCapture
-from vsops.methods import VISION_ATTENTION
 from vsops.scorer import LearnableImportanceScorer
 
 __all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_applied", "image_ids"]
@@ -214,7 +213,7 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
         method=settings["method"],
     )
     language_model = adapter.language_model(inner)
-    selector.vision_capture = VisionAttentionCapture(adapter, adapter.vision_tower(inner))
+    selector.vision_capture = VisionAttentionCapture(adapter, adapter.vision_tower(inner), selector)
     selector.hooks = [
         inner.register_forward_pre_hook(functools.partial(_inner_pre_hook, adapter), with_kwargs=True),
         inner.register_forward_hook(_inner_post_hook),
@@ -251,7 +250,6 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
         position = selector.full_cache_position(kwargs.get("past_key_values"), new_tokens.shape[1], new_tokens.device)
         if position is not None:
             kwargs["cache_position"] = position
-    selector.vision_capture.begin(None)
     if not any(kwargs.get(name) is not None for name in adapter.visual_inputs):
         selector.begin_call(None, None, None)
         return args, kwargs
@@ -269,23 +267,16 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     if selector.scope == "image":
         ids, items = image_ids(adapter, inner, input_ids, kwargs)
     kinds = None
-    if VISION_ATTENTION in selector.method.needs and not inner.training:
-        kinds, grids = _visual_kinds(adapter, inner, input_ids, kwargs)
-        selector.vision_capture.begin(grids)
+    capture = selector.vision_capture
+    if capture is not None and capture.wanted(inner):
+        if any(kwargs.get(grid) is not None for _, grid in adapter.placeholders(inner.config).values()):
+            capture.clear()  # the tower runs inside this forward
+        kinds = torch.full_like(input_ids, -1)
+        for index, (token, _) in enumerate(adapter.placeholders(inner.config).values()):
+            kinds[input_ids == token] = index
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training, kinds=kinds)
     return args, kwargs
 
-
-def _visual_kinds(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, kwargs: dict):
-    """The kind of each token (its index in the adapter's placeholders, -1 for text), and the
-    grid of each kind the call carries."""
-    kinds = torch.full_like(input_ids, -1)
-    grids = {}
-    for index, (kind, (token, grid_name)) in enumerate(adapter.placeholders(inner.config).items()):
-        kinds[input_ids == token] = index
-        if kwargs.get(grid_name) is not None:
-            grids[index] = (kind, kwargs[grid_name])
-    return kinds, grids
 
 
 def _inner_post_hook(inner, args, output):

@@ -13,14 +13,15 @@ Three hooks, active only during a call whose method needs them:
 - a hook on the tower turns the per-patch rows into per-token rows in the tower's output order
   (the CLS rows dropped, the tower's window order undone, each merge unit averaged).
 
-One tower call per kind of visual input (images, videos): the hook matches each call to its
-kind by its grid.
+The tower may run inside the model's forward or before it (transformers 5's ``generate``
+encodes the images and videos first and hands the model ``mm_encoder_outputs``): what the tower
+calls read waits for the next collection, images before videos, as both encode them.
 """
 from __future__ import annotations
 
 import torch
 
-from vsops.methods import VisionAttention
+from vsops.methods import VISION_ATTENTION, VisionAttention
 from vsops.ops.attention_received import attention_received
 
 __all__ = ["VisionAttentionCapture", "rotate"]
@@ -36,19 +37,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class VisionAttentionCapture:
-    """The hooks of one model's vision tower and what they read during one call.
+    """The hooks of one model's vision tower and what they read since the last collection.
+
+    The hooks read the tower only while the selector's method needs its attention and the
+    tower is in eval mode (training takes the learned scorer).
 
     Attributes:
         hooks: the hook handles (removed by ``revert_visionselector``).
     """
 
-    def __init__(self, adapter, tower):
+    def __init__(self, adapter, tower, selector):
         self.adapter = adapter
-        self.hooks = []
-        self._grids: dict[int, tuple[str, torch.Tensor]] | None = None  # None: inactive
+        # An attribute, not a closure, so that a deep copy of the model reads its own selector.
+        self.selector = selector
         self._pending = None
         self._patches = None
-        self._items: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._items: list[tuple[torch.Tensor, torch.Tensor]] = []
         layer = adapter.vision_attention_layer(tower)
         self.heads = layer.num_heads
         self.hooks = [
@@ -57,41 +61,38 @@ class VisionAttentionCapture:
             tower.register_forward_hook(self._tower_hook, with_kwargs=True),
         ]
 
-    def begin(self, grids: dict[int, tuple[str, torch.Tensor]] | None) -> None:
-        """Starts a call: ``grids`` maps each kind of visual input of the call (its index in the
-        adapter's placeholders) to its name and ``[n, 3]`` grid; None turns the hooks off."""
-        self._grids = grids
+    def wanted(self, module) -> bool:
+        """Whether the hooks read the tower now (``module``: the hooked one, for its mode)."""
+        return VISION_ATTENTION in self.selector.method.needs and not module.training
+
+    def clear(self) -> None:
+        """Forgets what the tower calls so far left (a forward that runs the tower itself)."""
         self._pending = self._patches = None
-        self._items = {}
+        self._items = []
 
     def collect(self, kinds: torch.Tensor) -> VisionAttention:
-        """The :class:`~vsops.methods.VisionAttention` of the call's visual tokens, whose kinds
-        in packed order are ``kinds`` (int64 ``[total]``)."""
-        if self._grids is None:
-            raise ValueError("the vision attention was not captured for this call")
-        received = torch.empty(kinds.shape[0], dtype=torch.float32, device=kinds.device)
-        keys = None
-        for kind in self._grids:
-            where = kinds == kind
-            if kind not in self._items:
-                raise ValueError(
-                    "the method needs the vision tower's attention, but the tower did not run on this call's "
-                    f"{self._grids[kind][0]} inputs (precomputed vision features cannot be used)"
-                )
-            item_received, item_keys = self._items[kind]
-            if item_received.shape[0] != int(where.sum()):
-                raise ValueError(f"the vision tower produced {item_received.shape[0]} tokens for "
-                                 f"{int(where.sum())} placeholders")
-            if keys is None:
-                keys = item_keys.new_empty((kinds.shape[0], item_keys.shape[1]))
-            received[where] = item_received.to(received.device)
-            keys[where] = item_keys.to(keys.device)
-        return VisionAttention(received, keys)
+        """The :class:`~vsops.methods.VisionAttention` of a call's visual tokens, whose kinds
+        (an index into the adapter's placeholders) in packed order are ``kinds`` (int64
+        ``[total]``), from the tower calls since the last collection: each kind's in turn
+        (images, then videos: the order in which the models and ``generate`` encode them)."""
+        items, self._items = self._items, []
+        if not items:
+            raise ValueError("the method needs the vision tower's attention, but the tower did not run for this call")
+        received = torch.cat([r for r, _ in items]).to(kinds.device)
+        keys = torch.cat([k for _, k in items]).to(kinds.device)
+        if received.shape[0] != kinds.shape[0]:
+            raise ValueError(f"the vision tower produced {received.shape[0]} tokens since the last call, for "
+                             f"{kinds.shape[0]} visual placeholders")
+        # Stable: the tokens of one kind keep their order, and kinds come in index order.
+        order = torch.sort(kinds, stable=True).indices
+        out_received, out_keys = torch.empty_like(received), torch.empty_like(keys)
+        out_received[order], out_keys[order] = received, keys
+        return VisionAttention(out_received, out_keys)
 
     # -- the hooks -----------------------------------------------------------------------------
 
     def _layer_pre_hook(self, module, args, kwargs):
-        if self._grids is None:
+        if not self.wanted(module):
             return None
         cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
         position = kwargs.get("position_embeddings")
@@ -104,7 +105,7 @@ class VisionAttentionCapture:
         return None
 
     def _qkv_hook(self, module, args, output):
-        if self._grids is None or self._pending is None:
+        if self._pending is None or not self.wanted(module):
             return None
         cu_seqlens, (cos, sin) = self._pending
         self._pending = None
@@ -129,14 +130,12 @@ class VisionAttentionCapture:
         return None
 
     def _tower_hook(self, tower, args, kwargs, output):
-        if self._grids is None:
+        if not self.wanted(tower):
             return None
         if self._patches is None:
             raise ValueError("the vision tower ran without its attention layer; the capture cannot read it")
         received, keys, cu = self._patches
         self._patches = None
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        kind = self._kind_of(grid)
         if self.adapter.vision_class_token:
             patch = torch.ones(received.shape[0], dtype=torch.bool, device=received.device)
             patch[cu[:-1].long()] = False
@@ -144,17 +143,9 @@ class VisionAttentionCapture:
         unit = self.adapter.merge_unit(tower)
         received = received.view(-1, unit).mean(1)
         keys = keys.view(-1, unit, keys.shape[1]).mean(1)
-        order = self.adapter.vision_merged_order(tower, grid)
+        order = self.adapter.vision_merged_order(tower, kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
         if order is not None:
             order = order.to(received.device)
             received, keys = received[order], keys[order]
-        self._items[kind] = (received, keys)
+        self._items.append((received, keys))
         return None
-
-    def _kind_of(self, grid) -> int:
-        for kind, (_, expected) in self._grids.items():
-            if kind not in self._items and grid is not None and (
-                grid is expected or (grid.shape == expected.shape and torch.equal(grid.cpu(), expected.cpu()))
-            ):
-                return kind
-        raise ValueError("a vision tower call matches none of this call's image or video grids")

@@ -218,6 +218,29 @@ def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope)
     assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
 
 
+def test_visionzip_generates_and_reads_the_tower_only_when_asked(setup):
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    pmodel = patched(model, budget=0.25, method="visionzip")
+    capture = pmodel.visionselector.vision_capture
+    with torch.no_grad():
+        first = pmodel(**batch)
+        again = pmodel(**batch)  # nothing of the first call's capture is left for the second
+        generated = pmodel.generate(**batch, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(first.logits, again.logits, rtol=0, atol=0)
+    # generate's prefill selects as a forward does (transformers 5 runs the tower before it)
+    assert torch.equal(generated[:, batch["input_ids"].shape[1]], first.logits[:, -1].argmax(-1))
+    calls = []
+    original = capture._qkv_hook
+    capture._qkv_hook = lambda *a: calls.append(1) or original(*a)
+    with torch.no_grad(), pmodel.visionselector.using(method="divprune"):
+        pmodel(**batch)
+    assert calls == []  # other methods cost the tower nothing
+    pmodel.visionselector.vision_capture = None
+    with pytest.raises(ValueError, match="'visionzip' method needs the vision tower's attention"), torch.no_grad():
+        pmodel(**batch)
+
+
 def test_a_method_may_replace_the_kept_tokens_embeddings(setup):
     class Halved(vsops.methods.SelectionMethod):
         """Keeps the first k tokens of each segment, at half their embedding."""
@@ -469,6 +492,10 @@ def test_budget_per_call_and_on_the_model(setup):
     assert model.visionselector.budget == 0.5
 
 
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def test_apply_and_revert_on_an_instance(setup):
     model = setup.make_model()
     batch = setup.make_batch(PROMPTS)
@@ -482,6 +509,7 @@ def test_apply_and_revert_on_an_instance(setup):
         assert model(**batch).logits.shape[1] < expected.shape[1]  # the patch is active
     revert_visionselector(model)
     assert not is_visionselector_applied(model) and set(model.state_dict()) == keys_before
+    assert hook_count(model) == 0  # the vision-attention hooks too
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not carry"):

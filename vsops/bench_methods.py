@@ -5,8 +5,16 @@
   then the greedy loop over its rows, batch 1) at budget 0.1, with the compute bound: one
   ``N x D`` by ``D x N`` product (the nearest-neighbour pass needs every pair), timed with
   ``torch.mm`` in the same run.
-- Every registered method's selection time per image (``k = budget_to_k(N, 0.1)``), next to
-  the learned LIS scorer's (hidden 3584 -> 1792).
+- VisionZip's attention received (``vsops.ops.attention_received``) in the vision tower's
+  layer (Qwen2.5-VL-7B's: 16 heads of 80, 4 patches per token, so 4N patches) against what the
+  published code reads, the attention weights formed whole (``softmax(q k^T)`` per head), with
+  the compute bound: one ``q k^T`` product per head, timed on a tile of query rows in the same
+  run (the CPU kernel makes it once, the GPU kernels twice).
+- Every registered method's selection time per image (``k = budget_to_k(N, 0.1)``; VisionZip's
+  includes its attention pass), next to the learned LIS scorer's (hidden 3584 -> 1792), and the
+  language-model prefill the dropped tokens save: ``2 x 6.5e9`` FLOPs per token (Qwen2.5-VL-7B's
+  language model without embeddings; attention's quadratic term left out) at the matrix-product
+  rate measured in the same run.
 """
 from __future__ import annotations
 
@@ -23,12 +31,49 @@ DIM = 3584
 BUDGET = 0.1
 DIVPRUNE_SIZES = (1024, 4096, 16384)
 METHOD_SIZES = (1024, 4096)
+VISION_HEADS, VISION_HEAD_DIM, MERGE_UNIT = 16, 80, 4
+LANGUAGE_MODEL_PARAMETERS = 6.5e9
+# Patches beyond which the published baseline's attention weights (H x S x S float32) exceed 2 GB.
+MATERIALIZED_LIMIT = 2 << 30
 
 
 def tokens(n: int, device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     """``[n, DIM]`` random tokens."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, DIM, generator=g).to(device=device, dtype=dtype)
+
+
+def vision_queries_keys(patches: int, device, dtype=torch.float32, seed: int = 1):
+    """Random ``q, k [patches, VISION_HEADS, VISION_HEAD_DIM]`` of one image's tower layer."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (patches, VISION_HEADS, VISION_HEAD_DIM)
+    return (torch.randn(shape, generator=g).to(device=device, dtype=dtype),
+            torch.randn(shape, generator=g).to(device=device, dtype=dtype))
+
+
+def attention_received_fn(q: torch.Tensor, k: torch.Tensor) -> Callable[[], object]:
+    from vsops.ops.attention_received import attention_received
+
+    return lambda: attention_received(q, k)
+
+
+def materialized_attention_fn(q: torch.Tensor, k: torch.Tensor) -> Callable[[], object]:
+    """What the published VisionZip reads: every head's attention weights formed whole, then
+    averaged over heads and queries."""
+    scale = q.shape[-1] ** -0.5
+    return lambda: (torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * scale).softmax(-1).mean((0, 1))
+
+
+def attention_bound_ms(q: torch.Tensor, k: torch.Tensor) -> float:
+    """Milliseconds of one ``q k^T`` per head, timed as one head's product on a tile of query
+    rows (about 16M logits, the CPU kernel's tile) and scaled to all rows and heads: the
+    products' compute, not the writing of S x S logits. The CPU kernel makes that product once
+    (its tiles hold whole rows); the GPU kernels make it twice (statistics, then column sums),
+    so half the bound is their ceiling."""
+    patches, heads = q.shape[0], q.shape[1]
+    rows = max(1, min(patches, (1 << 24) // patches))
+    tile, keys = q[:rows, 0], k[:, 0].T
+    return 1e3 * seconds(lambda: torch.mm(tile, keys), 0.3) * heads * patches / rows
 
 
 def published_divprune(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,8 +121,8 @@ class DivPruneRow:
         return self.bound_ms / self.vsops_ms
 
 
-def measure_divprune(n: int, device) -> DivPruneRow:
-    x = tokens(n, device)
+def measure_divprune(n: int, device, dtype=torch.float32) -> DivPruneRow:
+    x = tokens(n, device, dtype)
     k = budget_to_k(n, BUDGET)
     slow = n >= 16384  # seconds per call: one timed call, no warm-up
     return DivPruneRow(
@@ -90,8 +135,10 @@ def measure_divprune(n: int, device) -> DivPruneRow:
 
 
 def method_fn(name: str, x: torch.Tensor, k: int) -> Callable[[], object]:
-    """One image's selection by the method ``name`` (the learned one: a fresh LIS scorer)."""
-    from vsops.methods import make_method
+    """One image's selection by the method ``name`` (the learned one: a fresh LIS scorer; a
+    method reading the vision tower's attention: that attention pass included)."""
+    from vsops.methods import VISION_ATTENTION, VisionAttention, make_method
+    from vsops.ops.attention_received import attention_received
     from vsops.scorer import LearnableImportanceScorer
 
     cu = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
@@ -100,41 +147,99 @@ def method_fn(name: str, x: torch.Tensor, k: int) -> Callable[[], object]:
         method = make_method(name, scorer=LearnableImportanceScorer(DIM, device=x.device, dtype=x.dtype))
     else:
         method = make_method(name)
+    if VISION_ATTENTION not in method.needs:
+        def run():
+            with torch.inference_mode():
+                return method.select(x, kk, cu)
 
-    def run():
+        return run
+    q, keys = vision_queries_keys(MERGE_UNIT * x.shape[0], x.device, x.dtype)
+
+    def run_with_attention():
         with torch.inference_mode():
-            return method.select(x, kk, cu)
+            received = attention_received(q, keys).view(-1, MERGE_UNIT).mean(1)
+            merged_keys = keys.float().mean(1).view(-1, MERGE_UNIT, VISION_HEAD_DIM).mean(1)
+            return method.select(x, kk, cu, vision=VisionAttention(received, merged_keys))
 
-    return run
+    return run_with_attention
 
 
-def measure_methods(device) -> dict[str, dict[int, float]]:
+@dataclasses.dataclass
+class AttentionRow:
+    tokens: int
+    patches: int
+    vsops_ms: float
+    materialized_ms: float | None  # None: beyond MATERIALIZED_LIMIT
+    bound_ms: float
+
+    @property
+    def share(self) -> float:
+        return self.bound_ms / self.vsops_ms
+
+
+def measure_attention(n: int, device, dtype=torch.float32) -> AttentionRow:
+    patches = MERGE_UNIT * n
+    q, k = vision_queries_keys(patches, device, dtype)
+    materialized = None
+    if VISION_HEADS * patches * patches * 4 <= MATERIALIZED_LIMIT:
+        materialized = 1e3 * seconds(materialized_attention_fn(q, k), 0.3)
+    return AttentionRow(n, patches, 1e3 * seconds(attention_received_fn(q, k), 0.3), materialized,
+                        attention_bound_ms(q, k))
+
+
+def measure_methods(device, dtype=torch.float32) -> dict[str, dict[int, float]]:
     """Milliseconds per image of every registered method at each of :data:`METHOD_SIZES`."""
     from vsops.methods import available
 
     table: dict[str, dict[int, float]] = {}
     for n in METHOD_SIZES:
-        x = tokens(n, device)
+        x = tokens(n, device, dtype)
         k = budget_to_k(n, BUDGET)
         for name in available():
             table.setdefault(name, {})[n] = 1e3 * seconds(method_fn(name, x, k), 0.3)
     return table
 
 
-def summary(device="cpu", file: TextIO = sys.stdout, sizes=DIVPRUNE_SIZES) -> None:
+def prefill_saved_ms(n: int, device, dtype=torch.float32) -> float:
+    """The language-model prefill the ``n - k`` dropped tokens of one image would take, at the
+    matrix-product rate of this device measured now (``[n, DIM] x [DIM, n]``)."""
+    x = tokens(n, device, dtype)
+    rate = 2 * n * n * DIM / seconds(bound_fn(x), 0.3)
+    return 1e3 * 2 * LANGUAGE_MODEL_PARAMETERS * (n - budget_to_k(n, BUDGET)) / rate
+
+
+def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, sizes=DIVPRUNE_SIZES) -> None:
     device = torch.device(device)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"Selection methods, one image [N, {DIM}] float32, budget {BUDGET}, device {device}{threads}", file=file)
+    name = str(dtype).removeprefix("torch.")
+    print(f"Selection methods, one image [N, {DIM}] {name}, budget {BUDGET}, device {device}{threads}", file=file)
     print("\nDivPrune against the published algorithm (full n x n matrix + greedy loop):", file=file)
     print("| N | k | vsops ms | published ms | speedup | bound ms (one N x N x D product) | share of bound |", file=file)
     print("|" + "---|" * 7, file=file)
     for n in sizes:
-        r = measure_divprune(n, device)
+        r = measure_divprune(n, device, dtype)
         print(f"| {r.n} | {r.k} | {r.vsops_ms:.1f} | {r.published_ms:.1f} | {r.speedup:.1f}x | {r.bound_ms:.1f} | "
               f"{100 * r.share:.0f}% |", file=file)
-    table = measure_methods(device)
-    print("\nSelection time per image (ms), every method:", file=file)
-    print("| method | " + " | ".join(f"N = {n}" for n in METHOD_SIZES) + " |", file=file)
-    print("|" + "---|" * (1 + len(METHOD_SIZES)), file=file)
+    print(f"\nVisionZip's attention received in the vision tower ({VISION_HEADS} heads x {VISION_HEAD_DIM}, "
+          f"{MERGE_UNIT} patches per token) against the attention weights formed whole:", file=file)
+    print("| N tokens | patches | vsops ms | materialized ms | speedup | bound ms (one q k^T per head) | "
+          "share of bound |", file=file)
+    print("|" + "---|" * 7, file=file)
+    for n in METHOD_SIZES:
+        r = measure_attention(n, device, dtype)
+        slow = "-" if r.materialized_ms is None else f"{r.materialized_ms:.1f}"
+        speedup = "-" if r.materialized_ms is None else f"{r.materialized_ms / r.vsops_ms:.1f}x"
+        print(f"| {r.tokens} | {r.patches} | {r.vsops_ms:.1f} | {slow} | {speedup} | {r.bound_ms:.1f} | "
+              f"{100 * r.share:.0f}% |", file=file)
+    table = measure_methods(device, dtype)
+    saved = {n: prefill_saved_ms(n, device, dtype) for n in METHOD_SIZES}
+    print("\nSelection time per image (ms), every method, and the language-model prefill the dropped tokens "
+          f"save (2 x {LANGUAGE_MODEL_PARAMETERS:.1e} FLOPs per token at this run's matrix-product rate):", file=file)
+    print("| method | " + " | ".join(f"N = {n}" for n in METHOD_SIZES) + " | "
+          + " | ".join(f"share of the prefill saved, N = {n}" for n in METHOD_SIZES) + " |", file=file)
+    print("|" + "---|" * (1 + 2 * len(METHOD_SIZES)), file=file)
+    print("| (prefill saved) | " + " | ".join(f"{saved[n]:.0f}" for n in METHOD_SIZES) + " |"
+          + " |" * len(METHOD_SIZES), file=file)
     for name, times in table.items():
-        print(f"| {name} | " + " | ".join(f"{times[n]:.2f}" for n in METHOD_SIZES) + " |", file=file)
+        print(f"| {name} | " + " | ".join(f"{times[n]:.2f}" for n in METHOD_SIZES) + " | "
+              + " | ".join(f"{100 * times[n] / saved[n]:.2f}%" for n in METHOD_SIZES) + " |", file=file)

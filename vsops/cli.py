@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             # The N = 16384 DivPrune row takes minutes (the published baseline alone ~1.5 min on 2
             # cores): only when the methods table is asked for by name.
             sizes = bench_methods.DIVPRUNE_SIZES if args.op == "methods" else bench_methods.METHOD_SIZES
-            bench_methods.summary(args.device, sizes=sizes)
+            bench_methods.summary(args.device, dtype, sizes=sizes)
         from vsops import bench_prefill
 
         # "all" covers the operators; the end-to-end prefill joins it where transformers is installed.
