@@ -18,6 +18,7 @@ from vsops.integrations.adapter import ModelAdapter, adapter_for
 from vsops.integrations.outputs import attach_selection, causal_lm_loss
 from vsops.integrations.runtime import VisionSelector
 from vsops.integrations.vision_attention import VisionAttentionCapture
+from vsops.methods import VISION_ATTENTION
 from vsops.scorer import LearnableImportanceScorer
 
 __all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_applied", "image_ids"]
@@ -266,17 +267,17 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     ids, items = None, 0
     if selector.scope == "image":
         ids, items = image_ids(adapter, inner, input_ids, kwargs)
-    kinds = None
     capture = selector.vision_capture
-    if capture is not None and capture.wanted(inner):
-        if any(kwargs.get(grid) is not None for _, grid in adapter.placeholders(inner.config).values()):
-            capture.clear()  # the tower runs inside this forward
+    kinds = None
+    if capture is not None and VISION_ATTENTION in selector.method.needs:
         kinds = torch.full_like(input_ids, -1)
         for index, (token, _) in enumerate(adapter.placeholders(inner.config).values()):
             kinds[input_ids == token] = index
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training, kinds=kinds)
+    grids = (grid for _, grid in adapter.placeholders(inner.config).values())
+    if kinds is not None and capture.wanted(inner) and any(kwargs.get(grid) is not None for grid in grids):
+        capture.clear()  # the tower runs inside this forward
     return args, kwargs
-
 
 
 def _inner_post_hook(inner, args, output):

@@ -12,8 +12,10 @@ and route the language model's keyword arguments through
 prefill: one to read the visual and real token counts of each sample (and image); with
 ``scope="image"``, the image-id assignment's checks and the one
 :func:`~vsops.varlen.select_visual_tokens` documents; with a method that returns a keep mask
-rather than scores, one to check its counts. Per decode step on a pruned cache: one, reading
-``cache_position[0]`` to check the caller counts in the unpruned sequence.
+rather than scores, one to check its counts; with a method that reads the vision tower's
+attention, a few more (the kinds of the visual tokens, the attention op's argument checks per
+tower call, and the tower's window order on Qwen2.5-VL). Per decode step on a pruned cache:
+one, reading ``cache_position[0]`` to check the caller counts in the unpruned sequence.
 """
 from __future__ import annotations
 
@@ -203,6 +205,11 @@ class VisionSelector:
         self._budget = check_budget(value)
 
     @property
+    def call_budget(self) -> float:
+        """The budget of the call in progress (a per-call budget, or :attr:`budget`)."""
+        return self._call.budget if self._call is not None else self.budget
+
+    @property
     def scope(self) -> str:
         return self._scope
 
@@ -340,6 +347,9 @@ class VisionSelector:
             )
             if call.training:
                 return self._soft_inputs(kwargs, call, scores, self._segment_k(segments, call, cu), cu, keep, visual)
+        elif call.budget == 1.0:
+            # Every token stays: the method is not asked (nor the vision tower's attention read).
+            keep = torch.ones_like(call.visual_mask)
         else:
             k = self._segment_k(segments, call, cu)
             extra = {"vision": self._vision_attention(call, method)} if VISION_ATTENTION in method.needs else {}

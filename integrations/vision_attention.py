@@ -39,8 +39,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class VisionAttentionCapture:
     """The hooks of one model's vision tower and what they read since the last collection.
 
-    The hooks read the tower only while the selector's method needs its attention and the
-    tower is in eval mode (training takes the learned scorer).
+    The hooks read the tower only while the selector's method needs its attention, the tower
+    is in eval mode (training takes the learned scorer) and the budget is below 1 (at 1 every
+    token stays and no method is asked).
 
     Attributes:
         hooks: the hook handles (removed by ``revert_visionselector``).
@@ -63,7 +64,8 @@ class VisionAttentionCapture:
 
     def wanted(self, module) -> bool:
         """Whether the hooks read the tower now (``module``: the hooked one, for its mode)."""
-        return VISION_ATTENTION in self.selector.method.needs and not module.training
+        selector = self.selector
+        return VISION_ATTENTION in selector.method.needs and not module.training and selector.call_budget < 1.0
 
     def clear(self) -> None:
         """Forgets what the tower calls so far left (a forward that runs the tower itself)."""

@@ -218,11 +218,10 @@ def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope)
     assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
 
 
-def test_visionzip_generates_and_reads_the_tower_only_when_asked(setup):
+def test_visionzip_generates_and_reads_the_tower_only_when_asked(setup, monkeypatch):
     model = setup.make_model()
     batch = setup.make_batch(PROMPTS)
     pmodel = patched(model, budget=0.25, method="visionzip")
-    capture = pmodel.visionselector.vision_capture
     with torch.no_grad():
         first = pmodel(**batch)
         again = pmodel(**batch)  # nothing of the first call's capture is left for the second
@@ -230,12 +229,22 @@ def test_visionzip_generates_and_reads_the_tower_only_when_asked(setup):
     torch.testing.assert_close(first.logits, again.logits, rtol=0, atol=0)
     # generate's prefill selects as a forward does (transformers 5 runs the tower before it)
     assert torch.equal(generated[:, batch["input_ids"].shape[1]], first.logits[:, -1].argmax(-1))
+    import vsops.integrations.vision_attention as capture_module
+
     calls = []
-    original = capture._qkv_hook
-    capture._qkv_hook = lambda *a: calls.append(1) or original(*a)
+    original = capture_module.attention_received
+    monkeypatch.setattr(capture_module, "attention_received", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    with torch.no_grad():
+        pmodel(**batch)
+    assert calls  # the counter counts
+    calls.clear()
     with torch.no_grad(), pmodel.visionselector.using(method="divprune"):
         pmodel(**batch)
     assert calls == []  # other methods cost the tower nothing
+    with torch.no_grad():
+        full = pmodel(**batch, visionselector_budget=1.0).logits
+        torch.testing.assert_close(full, model(**batch).logits, rtol=0, atol=0)
+    assert calls == []  # nor does budget 1.0, which asks no method
     pmodel.visionselector.vision_capture = None
     with pytest.raises(ValueError, match="'visionzip' method needs the vision tower's attention"), torch.no_grad():
         pmodel(**batch)

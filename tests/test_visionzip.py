@@ -55,7 +55,7 @@ def assert_matches_published(chosen, x, received, keys, k, ratio):
 
 
 @pytest.mark.parametrize("n, budget, ratio", [(64, 0.25, 0.05), (97, 0.1, 0.05), (40, 0.5, 0.2), (30, 1.0, 0.1),
-                                              (50, 0.2, 0.0), (33, 0.3, 0.25)])
+                                              (50, 0.2, 0.0), (33, 0.3, 0.25), (20, 0.01, 0.05)])
 def test_one_image_equals_the_published_algorithm(n, budget, ratio):
     x, received, keys = tokens(n, seed=n)
     k = vsops.budget_to_k(n, budget)

@@ -1,5 +1,6 @@
 """vsops: fused PyTorch operators for learned visual-token selection (VisionSelector)."""
 from vsops.budget import budget_to_k
+from vsops.ops.attention_received import attention_received
 from vsops.difftopk import DiffTopK, constraint_loss, difftopk, topk_mask
 from vsops.info import info
 from vsops.lis import lis_score
@@ -15,6 +16,7 @@ __all__ = [
     "constraint_loss",
     "DiffTopK",
     "lis_score",
+    "attention_received",
     "LearnableImportanceScorer",
     "info",
 ]
