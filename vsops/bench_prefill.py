@@ -14,8 +14,8 @@ its vision-start and vision-end tokens), 30 text tokens; L = 2,086 tokens. Per r
   with the table, as the part of the prefill that cannot shrink;
 - selector ms and its share of the prefill: the time spent in
   ``VisionSelector.language_model_inputs`` (the method's selection, LIS scoring and top-k by
-  default, and gathering the kept tokens into the padded language-model inputs), summed per
-  forward;
+  default, and gathering the kept tokens into the padded language-model inputs), plus, for a
+  method reading the vision tower's attention, that attention pass, summed per forward;
 - peak MB: the memory the forward adds at its peak (CUDA: ``max_memory_allocated``; CPU on
   Linux: the resident-set high-water mark, reset through ``/proc/self/clear_refs``).
 """
@@ -134,26 +134,34 @@ def median_seconds(fn: Callable[[], object], device, repeats: int = REPEATS) -> 
 
 @contextlib.contextmanager
 def timing_selector(selector, device):
-    """Times every ``selector.language_model_inputs`` call while active; yields the list the
-    call times (seconds) are appended to. The hooks look the method up on each call, so an
-    instance attribute shadowing it is enough."""
+    """Times every ``selector.language_model_inputs`` call while active, and the
+    vision-attention pass of methods that read the tower (``attention_received`` inside its
+    hooks); yields the list the call times (seconds) are appended to. The hooks look the method
+    and the operator up on each call, so shadowing them is enough."""
+    from vsops.integrations import vision_attention
+
     device = torch.device(device)
-    method = selector.language_model_inputs
+
+    def timed(function):
+        def run(*args, **kwargs):
+            _synchronize(device)
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+            return result
+
+        return run
+
     times: list[float] = []
-
-    def timed(kwargs, config):
-        _synchronize(device)
-        start = time.perf_counter()
-        inputs = method(kwargs, config)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-        return inputs
-
-    selector.language_model_inputs = timed
+    operator = vision_attention.attention_received
+    selector.language_model_inputs = timed(selector.language_model_inputs)
+    vision_attention.attention_received = timed(operator)
     try:
         yield times
     finally:
         del selector.language_model_inputs
+        vision_attention.attention_received = operator
 
 
 def selector_seconds(model, batch, device, repeats: int = SELECTOR_REPEATS) -> float:
