@@ -100,7 +100,7 @@ setup(
     # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
     packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
     package_dir={"vsops.integrations": "integrations"},
-    package_data={"vsops.training": ["configs/*.json"]},
+    package_data={"vsops.training": ["configs/*.json"], "vsops.demo": ["model/*.json", "model/*.safetensors", "model/backbone/*.json", "model/backbone/*.safetensors"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

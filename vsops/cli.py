@@ -1,4 +1,4 @@
-"""The ``vsops`` command: ``vsops info``, ``vsops bench`` and ``vsops train``."""
+"""The ``vsops`` command: ``vsops demo``, ``vsops info``, ``vsops bench`` and ``vsops train``."""
 from __future__ import annotations
 
 import argparse
@@ -24,9 +24,50 @@ def _method_name(name: str) -> str:
     return name
 
 
+def _budget_list(text: str) -> list[float]:
+    try:
+        budgets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.1,0.2,0.3, got {text!r}") from None
+    if not budgets or any(not 0 < b < 1 for b in budgets):
+        raise argparse.ArgumentTypeError(f"each budget must be in (0, 1) (1.0 is always added), got {text!r}")
+    return budgets
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _with_malloc_tunables(argv) -> None:
+    """Runs this command again with glibc keeping freed memory (see BENCH_MALLOC_TUNABLES), once."""
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+        os.environ["GLIBC_TUNABLES"] = BENCH_MALLOC_TUNABLES
+        command = sys.argv[1:] if argv is None else argv
+        os.execv(sys.executable, [sys.executable, "-m", "vsops.cli", *command])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="which tokens each method keeps, the accuracy and prefill that survive: pictures and tables"
+    )
+    demo.add_argument("--output-dir", default="vsops-demo", help="where the pictures and reports go (default: vsops-demo)")
+    demo.add_argument("--budgets", type=_budget_list, default=[0.1, 0.2, 0.3], metavar="B,B,...",
+                      help="fractions of visual tokens kept (default: 0.1,0.2,0.3; 1.0 is added)")
+    demo.add_argument("--retrain", action="store_true",
+                      help="train the tiny backbone and scorer from scratch instead of loading the shipped ones")
+    demo.add_argument("--boards", type=_positive_int, default=3, help="held-out boards drawn (default: 3)")
+    demo.add_argument("--examples", type=_positive_int, default=1024,
+                      help="held-out examples the accuracy is measured on (default: 1024)")
+    demo.add_argument("--no-timing", action="store_true", help="skip the prefill and operator benchmarks")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     commands.add_parser("info", help="versions, compiled and importable backends, backend per device")
     bench = commands.add_parser(
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
@@ -52,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(commands.add_parser("train", help="train a VisionSelector scorer (synthetic task or JSONL data)"))
     args = parser.parse_args(argv)
 
-    if args.command == "train":
+    if args.command == "demo":
+        if not args.no_timing:
+            _with_malloc_tunables(argv)
+        from vsops.demo import run_demo
+        from vsops.demo.report import summary
+
+        results = run_demo(args.output_dir, budgets=args.budgets, retrain=args.retrain, boards=args.boards,
+                           examples=args.examples, timing=not args.no_timing, progress=not args.no_progress)
+        summary(results, args.output_dir)
+    elif args.command == "train":
         from vsops.training.run import run
 
         try:
@@ -69,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if unavailable_reason():
                 parser.error(f"--model llava_ov_1_5: {unavailable_reason()}")
-        if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
-            os.environ["GLIBC_TUNABLES"] = BENCH_MALLOC_TUNABLES
-            command = sys.argv[1:] if argv is None else argv
-            os.execv(sys.executable, [sys.executable, "-m", "vsops.cli", *command])
+        _with_malloc_tunables(argv)
         dtype = getattr(torch, args.dtype)
         if args.op in ("all", "difftopk"):
             from vsops import bench

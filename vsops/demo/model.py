@@ -1,0 +1,48 @@
+"""The demo's model: the tiny Qwen2.5-VL backbone and trained scorer shipped with the package
+(made by ``vsops train --task synthetic`` with its defaults, in ``vsops/demo/model/``), or the
+same trained again from scratch."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["SHIPPED", "load", "retrain", "shipped_metrics"]
+
+SHIPPED = Path(__file__).parent / "model"
+
+
+def shipped_metrics(model_dir: Path = SHIPPED) -> dict:
+    """The ``metrics.json`` of the training run that made ``model_dir``."""
+    return json.loads((Path(model_dir) / "metrics.json").read_text())
+
+
+def load(model_dir: Path = SHIPPED, device="cpu"):
+    """The backbone of ``model_dir`` patched with VisionSelector and its trained scorer, in eval
+    mode."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vsops.integrations import apply_visionselector_to_qwen2_5_vl
+    from vsops.training.checkpoint import load_scorer
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(model_dir) / "backbone").to(device)
+    apply_visionselector_to_qwen2_5_vl(model)
+    load_scorer(str(Path(model_dir) / "scorer.safetensors"), model.visionselector.scorer)
+    return model.eval()
+
+
+def retrain(output_dir: Path, *, progress: bool = True) -> Path:
+    """Trains the backbone and the scorer from scratch into ``output_dir`` with the code and
+    defaults of ``vsops train --task synthetic`` (its own evaluation left to the demo); returns
+    the directory, laid out as :data:`SHIPPED`."""
+    from vsops.training.run import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--task", "synthetic", "--output-dir", str(output_dir), "--eval-examples", "0", "--device", "cpu"]
+    args = parser.parse_args(argv + ([] if progress else ["--no-progress"]))
+    torch.manual_seed(args.seed)
+    run(args)
+    return Path(output_dir)
