@@ -9,7 +9,7 @@ Each benchmark also times Algorithm 1 and a device copy in the same run and reco
 import pytest
 import torch
 
-from vsops import bench
+from vsops.benchmarks import difftopk as bench, timing
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = {case.name: case for case in bench.CASES}
@@ -17,14 +17,14 @@ CASES = {case.name: case for case in bench.CASES}
 
 @pytest.fixture(scope="module")
 def bandwidth():
-    return bench.copy_bandwidth(DEVICE)
+    return timing.copy_bandwidth(DEVICE)
 
 
 def _record(benchmark, baseline_fn, bound_bytes, bandwidth):
     if benchmark.disabled:
         return None
     ours = benchmark.stats.stats.median
-    speedup = bench.seconds(baseline_fn) / ours
+    speedup = timing.seconds(baseline_fn) / ours
     benchmark.extra_info["speedup_vs_algorithm1"] = round(speedup, 2)
     benchmark.extra_info["share_of_bandwidth_bound"] = round(bound_bytes / bandwidth / ours, 4)
     return speedup

@@ -10,7 +10,7 @@ lis`` prints the same measurements as one table.
 import pytest
 import torch
 
-from vsops import bench, bench_lis
+from vsops.benchmarks import lis as bench_lis, timing
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = {case.name: case for case in bench_lis.CASES}
@@ -26,14 +26,14 @@ def test_lis_score(benchmark, name, which):
     if benchmark.disabled:
         return
     ours = benchmark.stats.stats.median
-    paired = bench.paired_timing(bench_lis.timed_fns("vsops", x, cu, weights)[which], DEVICE)
+    paired = timing.paired_timing(bench_lis.timed_fns("vsops", x, cu, weights)[which], DEVICE)
     share = paired.share(bench_lis.bound_bytes(x, weights)[which])
     benchmark.extra_info["share_of_bandwidth_bound"] = round(share, 3)
     speedups = {}
     for method in ("factored", "dense"):
         slow = method == "dense" and max(case.lengths) >= 8192
         baseline = bench_lis.timed_fns(method, x, cu, weights)[which]
-        speedups[method] = bench.seconds(baseline, warmup=not slow) / ours
+        speedups[method] = timing.seconds(baseline, warmup=not slow) / ours
         benchmark.extra_info[f"speedup_vs_{method}"] = round(speedups[method], 1)
     if DEVICE.type == "cpu" and name == "N=4096" and which == "fwd":
         # The bars for the compiled CPU kernels.

@@ -10,7 +10,7 @@ method's selection time per image, at D = 3584, budget 0.1.
 import pytest
 import torch
 
-from vsops import bench, bench_methods
+from vsops.benchmarks import methods as bench_methods, timing
 from vsops.budget import budget_to_k
 from vsops.methods import available
 
@@ -27,9 +27,9 @@ def test_divprune_against_the_published_algorithm(benchmark, n):
         return
     ours = benchmark.stats.stats.median
     benchmark.extra_info["speedup_vs_published"] = round(
-        bench.seconds(lambda: bench_methods.published_divprune(x, k)) / ours, 2
+        timing.seconds(lambda: bench_methods.published_divprune(x, k)) / ours, 2
     )
-    benchmark.extra_info["share_of_compute_bound"] = round(bench.seconds(bench_methods.bound_fn(x)) / ours, 3)
+    benchmark.extra_info["share_of_compute_bound"] = round(timing.seconds(bench_methods.bound_fn(x)) / ours, 3)
 
 
 @pytest.mark.parametrize("n", bench_methods.METHOD_SIZES)
@@ -42,7 +42,7 @@ def test_attention_received_against_materialized_attention(benchmark, n):
     ours = benchmark.stats.stats.median
     if bench_methods.measure_attention(n, DEVICE).materialized_ms is not None:
         benchmark.extra_info["speedup_vs_materialized"] = round(
-            bench.seconds(bench_methods.materialized_attention_fn(q, k)) / ours, 2
+            timing.seconds(bench_methods.materialized_attention_fn(q, k)) / ours, 2
         )
     benchmark.extra_info["share_of_compute_bound"] = round(1e-3 * bench_methods.attention_bound_ms(q, k) / ours, 3)
 

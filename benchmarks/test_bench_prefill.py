@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from vsops import bench_prefill  # noqa: E402
+from vsops.benchmarks import prefill as bench_prefill  # noqa: E402
 from vsops.integrations import apply_visionselector, revert_visionselector  # noqa: E402
 from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason  # noqa: E402
 

@@ -8,7 +8,7 @@ pack's GB/s and its share of the copy bandwidth measured in the same run.
 import pytest
 import torch
 
-from vsops import bench, bench_varlen
+from vsops.benchmarks import timing, varlen as bench_varlen
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = {case.name: case for case in bench_varlen.CASES}
@@ -24,7 +24,7 @@ def test_select_and_pack(benchmark, name):
     ours = benchmark.stats.stats.median
     nbytes = bench_varlen.moved_bytes(*inputs)
     benchmark.extra_info["gb_per_s"] = round(nbytes / ours / 1e9, 1)
-    paired = bench.paired_timing(bench_varlen.vsops_fn(*inputs), DEVICE)
+    paired = timing.paired_timing(bench_varlen.vsops_fn(*inputs), DEVICE)
     benchmark.extra_info["share_of_copy_bandwidth"] = round(paired.share(nbytes), 3)
     for label, route in bench_varlen.ROUTES.items():
-        benchmark.extra_info[f"speedup_vs_{label.replace(' ', '_')}"] = round(bench.seconds(route(*inputs)) / ours, 2)
+        benchmark.extra_info[f"speedup_vs_{label.replace(' ', '_')}"] = round(timing.seconds(route(*inputs)) / ours, 2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vsops.methods as methods
-from vsops.bench_methods import published_divprune
+from vsops.benchmarks.methods import published_divprune
 from vsops.methods import Selected, SelectionMethod, register_method
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
@@ -44,6 +45,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Tee:
+    """A text stream writing to several."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
 def _with_malloc_tunables(argv) -> None:
     """Runs this command again with glibc keeping freed memory (see BENCH_MALLOC_TUNABLES), once."""
     if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
@@ -73,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
     )
     bench.add_argument(
-        "--op", default="all", choices=["all", "difftopk", "lis", "varlen", "methods", "prefill"], help="which operator's table (default: all)"
+        "--op", default="all", choices=["all", "difftopk", "lis", "varlen", "methods", "prefill"],
+        help="which table (a module of vsops.benchmarks; default: all)"
     )
     bench.add_argument(
         "--no-dense", action="store_true", help="lis: skip baseline (a), the N x N matrix (slow on CPU)"
@@ -84,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava_ov_1_5"],
         help="prefill: the model family of the end-to-end table (default: qwen2_5_vl)",
     )
+    bench.add_argument("--plot", metavar="DIR", help="also write each table as a PNG into DIR")
+    bench.add_argument("--from-json", metavar="FILE",
+                       help="with --plot: plot a pytest-benchmark JSON file (--benchmark-json) instead of running")
     bench.add_argument(
         "--method", default="visionselector", type=_method_name,
         help="prefill: the selection method of the patched rows (default: visionselector; see vsops.methods)",
@@ -114,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
 
         info()
     else:
+        if args.from_json is not None:
+            if args.plot is None:
+                parser.error("--from-json needs --plot DIR")
+            from vsops.benchmarks.plot import plot_tables, pytest_benchmark_table
+
+            try:
+                table = pytest_benchmark_table(args.from_json)
+            except (OSError, ValueError, KeyError) as e:
+                parser.error(f"--from-json: {e}")
+            for path in plot_tables([table], args.plot, "pytest-benchmark"):
+                print(path)
+            return 0
         if args.model == "llava_ov_1_5" and args.op in ("all", "prefill"):
             from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason
 
@@ -121,31 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--model llava_ov_1_5: {unavailable_reason()}")
         _with_malloc_tunables(argv)
         dtype = getattr(torch, args.dtype)
-        if args.op in ("all", "difftopk"):
-            from vsops import bench
+        from vsops import benchmarks
 
-            bench.summary(args.device, dtype)
-        if args.op in ("all", "lis"):
-            from vsops import bench_lis
+        printed = io.StringIO()
+        out = _Tee(sys.stdout, printed)
+        for op in benchmarks.OPS if args.op == "all" else (args.op,):
+            benchmarks.module(op).cli_summary(args, dtype, by_name=args.op == op, file=out)
+        if args.plot is not None:
+            from vsops.benchmarks.plot import markdown_tables, plot_tables
 
-            bench_lis.summary(args.device, dtype, dense=not args.no_dense)
-        if args.op in ("all", "varlen"):
-            from vsops import bench_varlen
-
-            # The pack moves bytes: the model's dtype, bfloat16, unless asked otherwise.
-            bench_varlen.summary(args.device, torch.bfloat16 if args.dtype == "float32" else dtype)
-        if args.op in ("all", "methods"):
-            from vsops import bench_methods
-
-            # The N = 16384 DivPrune row takes minutes (the published baseline alone ~1.5 min on 2
-            # cores): only when the methods table is asked for by name.
-            sizes = bench_methods.DIVPRUNE_SIZES if args.op == "methods" else bench_methods.METHOD_SIZES
-            bench_methods.summary(args.device, dtype, sizes=sizes)
-        from vsops import bench_prefill
-
-        # "all" covers the operators; the end-to-end prefill joins it where transformers is installed.
-        if args.op == "prefill" or (args.op == "all" and bench_prefill.transformers_available()):
-            bench_prefill.summary(args.device, dtype, model=args.model, method=args.method)
+            for path in plot_tables(markdown_tables(printed.getvalue()), args.plot, args.op):
+                print(path)
     return 0
 
 

@@ -24,7 +24,7 @@ class KernelRow:
 
 
 def _difftopk(device):
-    from vsops import bench
+    from vsops.benchmarks import difftopk as bench
 
     r = bench.measure_case(bench.Case("1x8192", 1, 8192), device)
     return KernelRow("DiffTopK fwd+bwd", r.case, "Algorithm 1 (bisection loop)", r.fwd_bwd_speedup, "memory",
@@ -32,7 +32,7 @@ def _difftopk(device):
 
 
 def _lis(device):
-    from vsops import bench_lis
+    from vsops.benchmarks import lis as bench_lis
 
     r = bench_lis.measure_case(bench_lis.LisCase("N=1024", 1024), device, dense=False)
     return KernelRow("LIS score fwd", r.case, "factored PyTorch", r.speedup("factored", "fwd"), "memory",
@@ -40,7 +40,7 @@ def _lis(device):
 
 
 def _varlen(device):
-    from vsops import bench_varlen
+    from vsops.benchmarks import varlen as bench_varlen
 
     r = bench_varlen.measure_case(bench_varlen.VarlenCase("H=2048", 2048), device)
     return KernelRow("select + pack", f"8x4096, {r.case}", "unpad_input route", r.route_ms["unpad_input"] / r.ms,
@@ -48,14 +48,14 @@ def _varlen(device):
 
 
 def _divprune(device):
-    from vsops import bench_methods
+    from vsops.benchmarks import methods as bench_methods
 
     r = bench_methods.measure_divprune(1024, device)
     return KernelRow("DivPrune", "N=1024", "published (n x n matrix)", r.speedup, "compute", r.share)
 
 
 def _attention(device):
-    from vsops import bench_methods
+    from vsops.benchmarks import methods as bench_methods
 
     r = bench_methods.measure_attention(256, device)
     return KernelRow("attention received", f"{r.patches} patches", "attention weights formed whole",
@@ -76,7 +76,7 @@ def kernel_rows(device="cpu", progress=None) -> list[KernelRow]:
 
 def prefill_rows(device="cpu"):
     """``(rows, vision tower ms)`` of ``vsops bench --op prefill`` (the learned scorer)."""
-    from vsops import bench_prefill
+    from vsops.benchmarks import prefill as bench_prefill
 
     device = torch.device(device)
     model = bench_prefill.build_model(device)

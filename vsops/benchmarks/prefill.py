@@ -119,7 +119,7 @@ def _synchronize(device: torch.device) -> None:
 
 def median_seconds(fn: Callable[[], object], device, repeats: int = REPEATS) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call. Not
-    :func:`vsops.bench.seconds`: its ``torch.utils.benchmark.Timer`` pins torch to one thread."""
+    :func:`vsops.benchmarks.timing.seconds`: its ``torch.utils.benchmark.Timer`` pins torch to one thread."""
     device = torch.device(device)
     fn()
     times = []
@@ -338,3 +338,10 @@ def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, model:
     rows = measure_all(model, batch, device, method)
     print_table(rows, vision_ms, device, dtype, file, model=name, method=method)
     return rows
+
+
+def cli_summary(args, dtype, by_name: bool, file=sys.stdout) -> None:
+    """``vsops bench --op prefill [--model NAME] [--method NAME]``; with ``--op all`` only where
+    transformers is installed."""
+    if by_name or transformers_available():
+        summary(args.device, dtype, file=file, model=args.model, method=args.method)

@@ -24,7 +24,7 @@ from typing import Callable, TextIO
 
 import torch
 
-from vsops.bench import seconds
+from vsops.benchmarks.timing import seconds
 from vsops.budget import budget_to_k
 
 DIM = 3584
@@ -243,3 +243,9 @@ def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, sizes=
     for name, times in table.items():
         print(f"| {name} | " + " | ".join(f"{times[n]:.2f}" for n in METHOD_SIZES) + " | "
               + " | ".join(f"{100 * times[n] / saved[n]:.2f}%" for n in METHOD_SIZES) + " |", file=file)
+
+
+def cli_summary(args, dtype, by_name: bool, file=sys.stdout) -> None:
+    """``vsops bench --op methods``. The N = 16384 DivPrune row takes minutes (the published
+    baseline alone ~1.5 min on 2 cores): only when the methods table is asked for by name."""
+    summary(args.device, dtype, file=file, sizes=DIVPRUNE_SIZES if by_name else METHOD_SIZES)

@@ -11,7 +11,7 @@ ids packed, against three PyTorch routes (``ROUTES``), all tested to pack the sa
 
 Speed is reported as the ratios and as the pack's effective bandwidth, reading and writing the
 kept rows once, against the copy bandwidth measured in the same run (alternating with it,
-``bench.PairedTiming``).
+``vsops.benchmarks.timing.PairedTiming``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from vsops import backends
-from vsops.bench import paired_timing, seconds
+from vsops.benchmarks.timing import paired_timing, seconds
 from vsops.budget import budget_to_k
 from vsops.varlen import select_and_pack, select_visual_tokens
 
@@ -158,7 +158,7 @@ class VarlenRow:
 
 
 def measure_case(case: VarlenCase, device, dtype=torch.bfloat16) -> VarlenRow:
-    """Times vsops (alternating with a device copy, see ``bench.PairedTiming``) and the routes."""
+    """Times vsops (alternating with a device copy, see ``vsops.benchmarks.timing.PairedTiming``) and the routes."""
     inputs = case.make(device, dtype)
     ours = paired_timing(vsops_fn(*inputs), device)
     nbytes = moved_bytes(*inputs)
@@ -193,3 +193,9 @@ def summary(device="cpu", dtype=torch.bfloat16, file: TextIO = sys.stdout) -> li
     rows = [measure_case(case, device, dtype) for case in CASES]
     print_table(rows, device, file)
     return rows
+
+
+def cli_summary(args, dtype, by_name: bool, file=sys.stdout) -> None:
+    """``vsops bench --op varlen``: the pack moves bytes, so the model's dtype, bfloat16, unless
+    another than float32 is asked for."""
+    summary(args.device, torch.bfloat16 if dtype == torch.float32 else dtype, file=file)

@@ -1,21 +1,17 @@
-"""Benchmark helpers shared by ``benchmarks/`` (pytest-benchmark) and ``vsops bench``.
-
-Speed is reported as ratios measured in the same process: against the paper's Algorithm 1
-in PyTorch (64 bisection steps), and against the memory-bandwidth bound, i.e. the time a
-copy kernel needs to move the bytes the operator must move at least once, with the copy
-bandwidth measured on the spot.
+"""DiffTopK's benchmark table, shared by ``benchmarks/test_bench_difftopk.py`` and ``vsops bench
+--op difftopk``: against the paper's Algorithm 1 in PyTorch (64 bisection steps), and against
+the memory-bandwidth bound (:mod:`vsops.benchmarks.timing`).
 """
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
-from typing import Callable, TextIO
+from typing import TextIO
 
 import torch
-from torch.utils import benchmark as tbench
 
 from vsops import backends, reference
+from vsops.benchmarks.timing import copy_bandwidth, seconds
 from vsops.budget import budget_to_k
 from vsops.difftopk import difftopk
 
@@ -55,67 +51,6 @@ CASES = (
     # A micro-batch of images and video clips of different sizes, packed.
     Case("ragged-8", ragged=(256, 1024, 64, 4096, 729, 2304, 1, 8192)),
 )
-
-
-def seconds(fn: Callable[[], object], min_run_time: float = 0.3, warmup: bool = True) -> float:
-    """Median seconds per call of ``fn``, with device synchronisation (and a warm-up call,
-    which a baseline taking seconds per call can skip)."""
-    if warmup:
-        fn()
-    # Timer pins torch to one thread unless told otherwise: time with all of them.
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def _copy_fn(device, nbytes: int) -> Callable[[], object]:
-    """A device copy of ``nbytes``. The source is written first: an untouched CPU allocation
-    maps every page to the kernel's shared zero page, and copying from it reads one cached page
-    instead of memory (measured: 1.7x the bandwidth of a written source)."""
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
-
-
-def copy_bandwidth(device, nbytes: int = 1 << 27) -> float:
-    """Bytes per second moved by a plain device copy (read + write) of ``nbytes``."""
-    return 2 * nbytes / seconds(_copy_fn(device, nbytes))
-
-
-@dataclasses.dataclass(frozen=True)
-class PairedTiming:
-    """Rounds of (seconds per call of an op, copy bandwidth just before it), alternated.
-
-    This VM's memory bandwidth drifts by tens of percent within minutes, so a share of the
-    bandwidth bound is taken per round, against the copy measured next to it, and the median
-    over the rounds is reported.
-    """
-
-    rounds: tuple[tuple[float, float], ...]
-
-    @property
-    def seconds(self) -> float:
-        return statistics.median(t for t, _ in self.rounds)
-
-    @property
-    def bandwidth(self) -> float:
-        return statistics.median(bw for _, bw in self.rounds)
-
-    def share(self, nbytes: int) -> float:
-        """Median over the rounds of (nbytes / copy bandwidth) / seconds per call."""
-        return statistics.median(nbytes / bw / t for t, bw in self.rounds)
-
-
-def paired_timing(
-    fn: Callable[[], object], device, rounds: int = 5, min_run_time: float = 0.1, nbytes: int = 1 << 27
-) -> PairedTiming:
-    """Times ``fn`` and a device copy of ``nbytes`` alternately, ``rounds`` times each."""
-    copy = _copy_fn(device, nbytes)
-    fn()
-    pairs = []
-    for _ in range(rounds):
-        bandwidth = 2 * nbytes / seconds(copy, min_run_time)
-        pairs.append((seconds(fn, min_run_time, warmup=False), bandwidth))
-    return PairedTiming(tuple(pairs))
 
 
 def forward_fn(scores, k, cu):
@@ -228,3 +163,8 @@ def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout) -> lis
     rows = [measure_case(case, device, dtype, bandwidth) for case in CASES]
     print_table(rows, bandwidth, device, file)
     return rows
+
+
+def cli_summary(args, dtype, by_name: bool, file=sys.stdout) -> None:
+    """``vsops bench --op difftopk``."""
+    summary(args.device, dtype, file=file)

@@ -4,7 +4,7 @@
 (b) the ``Q . mean(K)`` form in PyTorch (no N x N matrix, but Q and K still formed), at the
 Qwen2.5-VL-7B sizes D = 3584, d = 1792, and the share of the memory-bandwidth bound: the
 bytes the operator must move at least once over the copy bandwidth measured in the same run
-(alternating with it, ``bench.PairedTiming``).
+(alternating with it, ``vsops.benchmarks.timing.PairedTiming``).
 The baselines, like the published code, take one image at a time.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from vsops import backends
-from vsops.bench import paired_timing, seconds
+from vsops.benchmarks.timing import paired_timing, seconds
 from vsops.lis import lis_score
 
 HIDDEN, PROJ = 3584, 1792
@@ -146,7 +146,7 @@ class LisRow:
 
 
 def measure_case(case: LisCase, device, dtype=torch.float32, dense: bool = True) -> LisRow:
-    """Times vsops (alternating with a device copy, see ``bench.PairedTiming``) and the
+    """Times vsops (alternating with a device copy, see ``vsops.benchmarks.timing.PairedTiming``) and the
     baselines on one case. ``dense=False`` skips baseline (a)."""
     x, cu, weights = case.make(device, dtype)
     nbytes = bound_bytes(x, weights)
@@ -200,3 +200,8 @@ def summary(device="cpu", dtype=torch.float32, dense: bool = True, file: TextIO 
     rows = [measure_case(case, device, dtype, dense) for case in CASES]
     print_table(rows, device, file)
     return rows
+
+
+def cli_summary(args, dtype, by_name: bool, file=sys.stdout) -> None:
+    """``vsops bench --op lis [--no-dense]``."""
+    summary(args.device, dtype, dense=not args.no_dense, file=file)
