@@ -35,6 +35,15 @@ def _budget_list(text: str) -> list[float]:
     return budgets
 
 
+def _budget(text: str) -> float:
+    from vsops.budget import check_budget
+
+    try:
+        return check_budget(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -85,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="held-out examples the accuracy is measured on (default: 1024)")
     demo.add_argument("--no-timing", action="store_true", help="skip the prefill and operator benchmarks")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    show = commands.add_parser("show", help="the tokens a model keeps of your image, over the image")
+    show.add_argument("--model", required=True, help="a model directory of a supported family (with its tokenizer "
+                      "and image processor), e.g. a published VisionSelector checkpoint")
+    show.add_argument("--image", required=True, help="the image file")
+    show.add_argument("--budget", type=_budget, default=0.2, help="fraction of visual tokens kept (default 0.2)")
+    show.add_argument("--method", default="visionselector", type=_method_name, help="the selection method")
+    show.add_argument("--out", default="show.png", help="the PNG written (default show.png)")
+    show.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     commands.add_parser("info", help="versions, compiled and importable backends, backend per device")
     bench = commands.add_parser(
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
@@ -123,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
         results = run_demo(args.output_dir, budgets=args.budgets, retrain=args.retrain, boards=args.boards,
                            examples=args.examples, timing=not args.no_timing, progress=not args.no_progress)
         summary(results, args.output_dir)
+    elif args.command == "show":
+        from vsops.demo.plots import save
+        from vsops.demo.show import select_on_image, show_figure
+
+        if not os.path.isdir(args.model):
+            parser.error(f"--model: {args.model} is not a directory")
+        if not os.path.isfile(args.image):
+            parser.error(f"--image: {args.image} is not a file")
+        try:
+            shown = select_on_image(args.model, args.image, budget=args.budget, method=args.method,
+                                    trust_remote_code=args.trust_remote_code)
+        except ValueError as e:
+            option = "--image" if "image" in str(e) else "--model"
+            parser.error(f"{option}: {e}")
+        save(show_figure(shown), args.out)
+        print(f"{int(shown.keep.sum())} of {shown.keep.numel()} visual tokens kept ({args.method}, budget "
+              f"{args.budget}); the picture is {os.path.abspath(args.out)}")
     elif args.command == "train":
         from vsops.training.run import run
 
