@@ -5,7 +5,7 @@ is tested against them on the same inputs, and they are the fallback where no fa
 exists. They favour clarity and precision (float64 throughout) over speed, but stay
 vectorised over rows so the fallback has no per-row Python loop.
 
-Layout conventions shared by all backends (see ``vsops.ops.layout``):
+Layout conventions shared by all backends (checked by ``vsops.ops.validation``):
 
 * padded: ``scores`` is ``[B, N]`` and ``cu_seqlens`` is None; each row is one segment.
 * packed: ``scores`` is ``[total]`` and ``cu_seqlens`` is int32 ``[S + 1]`` (FlashAttention's

@@ -25,9 +25,13 @@ def load(model_dir: Path = SHIPPED, device="cpu"):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
+    from vsops.integrations.testing import tiny_qwen2_5_vl_config
     from vsops.training.checkpoint import load_scorer
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(model_dir) / "backbone").to(device)
+    # The config from the code that made the backbone, not the saved file: transformers 4.x
+    # cannot read the rope settings 5.x writes.
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(model_dir) / "backbone",
+                                                               config=tiny_qwen2_5_vl_config()).to(device)
     apply_visionselector_to_qwen2_5_vl(model)
     load_scorer(str(Path(model_dir) / "scorer.safetensors"), model.visionselector.scorer)
     return model.eval()
