@@ -97,3 +97,14 @@ def test_bad_options_exit_2_naming_the_option(argv, option, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert option in done.stderr
+
+
+def test_without_matplotlib_the_command_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from vsops import cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    assert cli.main(["demo", "--no-timing"]) == 1
+    assert "needs matplotlib" in capsys.readouterr().err

@@ -131,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(commands.add_parser("train", help="train a VisionSelector scorer (synthetic task or JSONL data)"))
     args = parser.parse_args(argv)
 
+    if args.command in ("demo", "show"):
+        import importlib.util
+
+        missing = [m for m in ("transformers", "matplotlib", "PIL") if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"vsops {args.command} needs {', '.join(missing)}: pip install --no-build-isolation -e \".[demo]\"",
+                  file=sys.stderr)
+            return 1
     if args.command == "demo":
         if not args.no_timing:
             _with_malloc_tunables(argv)
