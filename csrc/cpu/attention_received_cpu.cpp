@@ -1,10 +1,11 @@
 // Attention received by each key on the CPU, per segment and head: tiles of query rows times
-// all keys of the segment as one GEMM (ATen's, MKL), then per row the softmax statistics and the
-// normalized probabilities in place (vectorized), and the tile's column sums added to the keys.
+// all keys of the segment as one GEMM (ATen's, MKL), then per row the softmax statistics and
+// exponentials in place, and the column sums of the normalized rows added to the keys
+// (vectorized; threads split the rows, then the columns).
 // A tile holds whole rows, so the two passes of the GPU kernels (statistics, then column sums)
 // are two sweeps over the tile here; the tile size is the reference's, never a head's n x n.
 #include <algorithm>
-#include <type_traits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,20 +23,36 @@ namespace {
 // Logits of a tile (the reference's _ATTENTION_TILE_ELEMENTS).
 constexpr int64_t kTileElements = int64_t(1) << 24;
 
-// Each row of `tile` [m, n] becomes its softmax (logits already scaled).
+// Columns per thread in the column sums: a chunk of the accumulator stays in L1 while the
+// tile's rows stream past it.
+constexpr int64_t kColumnGrain = 1024;
+
+// Adds weight * softmax(row) of every row of `tile` [m, n] (logits already scaled) to
+// `received` [n]. The exponentials are written into the tile; each row's 1 / sum is folded into
+// the column sums, so the tile is swept twice (statistics, then columns), not three times.
 template <typename Acc>
-void softmax_rows(at::Tensor& tile) {
+void add_softmax_columns(at::Tensor& tile, Acc weight, Acc* received) {
   using Vec = at::vec::Vectorized<Acc>;
   const int64_t m = tile.size(0), n = tile.size(1);
   Acc* data = tile.data_ptr<Acc>();
+  std::vector<Acc> scale(m);
   at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       Acc* row = data + i * n;
       const Acc top = at::vec::reduce_all<Acc>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, n);
       at::vec::map<Acc>([top](Vec x) { return (x - Vec(top)).exp(); }, row, row, n);
-      const Acc total = at::vec::reduce_all<Acc>([](Vec a, Vec b) { return a + b; }, row, n);
-      const Acc inverse = Acc(1) / total;
-      at::vec::map<Acc>([inverse](Vec x) { return x * Vec(inverse); }, row, row, n);
+      scale[i] = weight / at::vec::reduce_all<Acc>([](Vec a, Vec b) { return a + b; }, row, n);
+    }
+  });
+  at::parallel_for(0, n, kColumnGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = 0; i < m; ++i) {
+      const Acc* row = data + i * n;
+      const Vec w(scale[i]);
+      int64_t j = begin;
+      for (; j + Vec::size() <= end; j += Vec::size()) {
+        (Vec::loadu(received + j) + Vec::loadu(row + j) * w).store(received + j);
+      }
+      for (; j < end; ++j) received[j] += row[j] * scale[i];
     }
   });
 }
@@ -43,23 +60,18 @@ void softmax_rows(at::Tensor& tile) {
 template <typename Acc>
 void received_segment(const at::Tensor& q, const at::Tensor& k, double scale, at::Tensor out) {
   const int64_t n_q = q.size(0), n_k = k.size(0), heads = q.size(1);
-  if (n_k == 0) return;
-  if (n_q == 0) {
-    out.zero_();
-    return;
-  }
-  at::Tensor received = at::zeros({n_k}, out.options());
+  if (n_k == 0 || n_q == 0) return;  // out is zero already
   const int64_t rows = std::max<int64_t>(1, kTileElements / n_k);
+  const Acc weight = Acc(1) / static_cast<Acc>(heads * n_q);
+  Acc* received = out.data_ptr<Acc>();
   for (int64_t h = 0; h < heads; ++h) {
     const at::Tensor keys_t = k.select(1, h).t();
     for (int64_t r = 0; r < n_q; r += rows) {
       const int64_t m = std::min(rows, n_q - r);
       at::Tensor tile = at::mm(q.select(1, h).narrow(0, r, m) * scale, keys_t).contiguous();
-      softmax_rows<Acc>(tile);
-      received.add_(tile.sum(0));
+      add_softmax_columns<Acc>(tile, weight, received);
     }
   }
-  out.copy_(received.div_(static_cast<double>(heads * n_q)));
 }
 
 }  // namespace
