@@ -287,13 +287,15 @@ def test_selection_then_pack_bfloat16_scores(backend):
         (lambda s, v, i: select_and_pack(v, s[:, 1:]), ValueError, r"tensors\[0\] has shape"),
         (lambda s, v, i: select_and_pack(v, s, torch.zeros(3, 40)), ValueError, r"tensors\[1\] has shape"),
         (lambda s, v, i: select_and_pack(v, s, counts=[1, 2]), ValueError, "one entry per sample"),
-        (lambda s, v, i: select_and_pack(v, s, counts=[1, 2, 3, 4]), ValueError, "total"),
+        (lambda s, v, i: select_and_pack(v, s, counts=[1, 2, 3, 4]), ValueError, "counts must be the True per row"),
+        (lambda s, v, i: select_and_pad(v, s, counts=v.sum(1).flip(0).tolist()), ValueError, "True per row"),
         (lambda s, v, i: select_and_pad(v, s, padding_side="top"), ValueError, "padding_side"),
         (lambda s, v, i: select_and_pad(v, s, pad_values=[0, 1]), ValueError, "pad_values"),
         (lambda s, v, i: unpack(s.reshape(-1), torch.arange(3), 1, 3), ValueError, "total"),
     ],
 )
 def test_bad_input_raises(make, error, match):
+    """(The wrong split above has the right total: only a per-row check catches it.)"""
     scores, visual, image = _selection_inputs("cpu")
     with pytest.raises(error, match=match):
         make(scores, visual, image)
@@ -320,3 +322,25 @@ def test_benchmark_baselines_pack_what_vsops_packs():
         embeds, positions, cu_seqlens, max_seqlen = route(*inputs)()
         assert torch.equal(embeds, ours.tensors[0]) and torch.equal(positions, ours.tensors[1])
         assert torch.equal(cu_seqlens, ours.cu_seqlens) and max_seqlen == ours.max_seqlen
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)], ids=["B=0", "L=0", "empty"])
+def test_empty_batches_pack_pad_and_unpack(backend, shape):
+    _, device = backend
+    keep = torch.zeros(shape, dtype=torch.bool, device=device)
+    embeds = torch.randn(*shape, 4, device=device)
+    positions = torch.zeros(3, *shape, dtype=torch.long, device=device)
+    packed = select_and_pack(keep, embeds, positions)
+    assert [tuple(t.shape) for t in packed.tensors] == [(0, 4), (3, 0)]
+    assert packed.cu_seqlens.tolist() == [0] * (shape[0] + 1) and packed.max_seqlen == 0
+    assert packed.unpack(packed.tensors[0]).shape == (*shape, 4)
+    padded = select_and_pad(keep, embeds, positions)
+    assert [tuple(t.shape) for t in padded.tensors] == [(shape[0], 0, 4), (3, shape[0], 0)]
+
+
+def test_unpack_after_a_mask_that_drops_everything(backend):
+    _, device = backend
+    keep = torch.zeros(2, 6, dtype=torch.bool, device=device)
+    packed = select_and_pack(keep, torch.randn(2, 6, 3, device=device))
+    out = packed.unpack(packed.tensors[0], fill=7.0)
+    assert out.shape == (2, 6, 3) and bool((out == 7).all())

@@ -15,6 +15,7 @@ lengths), otherwise exactly one, to read them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -232,9 +233,10 @@ def _layouts(keep: torch.Tensor, tensors) -> list[bool]:
 
 
 def _as_rows(t: torch.Tensor, leading: bool, tokens: int) -> torch.Tensor:
+    # Widths spelled out, not -1: a batch without tokens has rows of a known width too.
     if leading:
-        return t.reshape(tokens, -1).contiguous()
-    return t.reshape(-1, tokens).T.contiguous()
+        return t.reshape(tokens, math.prod(t.shape[2:])).contiguous()
+    return t.reshape(math.prod(t.shape[:-2]), tokens).T.contiguous()
 
 
 def _from_rows(rows: torch.Tensor, t: torch.Tensor, leading: bool, count: int, b_l: tuple) -> torch.Tensor:
@@ -258,6 +260,12 @@ def _host_counts(keep: torch.Tensor, counts) -> list[int]:
         raise ValueError(f"counts must have one entry per sample (B = {b}), got {len(counts)}")
     if any(c < 0 or c > length for c in counts):
         raise ValueError(f"counts must be in [0, L] = [0, {length}], got {counts}")
+    # Free on the CPU; on a GPU it would cost the sync counts save, and under torch.compile
+    # reading data would break the graph (as the other data checks, it is skipped there).
+    if keep.device.type == "cpu" and not torch.compiler.is_compiling():
+        actual = keep.sum(1).tolist()
+        if actual != counts:
+            raise ValueError(f"counts must be the True per row of keep, {actual}; got {counts}")
     return counts
 
 
@@ -294,8 +302,9 @@ def select_and_pack(keep: torch.Tensor, *tensors: torch.Tensor, counts: Sequence
             labels ``[B, L]``) or ``[..., B, L]`` (3-D rope position ids ``[3, B, L]``), any
             dtype, on the device of ``keep``. A ``[B, L]`` tensor counts as ``[B, L, ...]``.
         counts: the number of True per row of ``keep``, on the host, when known: saves the
-            one host sync that reading it otherwise costs. It must be right: the compiled CPU
-            kernel checks it, GPU kernels cannot without a sync.
+            one host sync that reading it otherwise costs. It must be right: it is checked
+            against ``keep`` on the CPU; on a GPU the check would cost that sync, so there a
+            wrong split gives wrong ``cu_seqlens``.
 
     Returns:
         A :class:`PackedBatch`. Tokens keep their original order. Differentiable: the
@@ -385,6 +394,6 @@ def unpack(packed: torch.Tensor, indices: torch.Tensor, batch: int, length: int,
     if batch < 0 or length < 0:
         raise ValueError(f"batch and length must be >= 0, got {batch} and {length}")
     backend = backends.select(packed.device, torch.float32)
-    rows = packed.reshape(packed.shape[0], -1).contiguous()
+    rows = packed.reshape(packed.shape[0], math.prod(packed.shape[1:])).contiguous()
     out = _ops.unpack(rows, indices.contiguous(), batch * length, fill, backend=backend)
     return out.reshape(batch, length, *packed.shape[1:])
