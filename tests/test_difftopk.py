@@ -332,6 +332,8 @@ def test_budget_to_k():
             vsops.budget_to_k(10, bad)
     with pytest.raises(ValueError, match="n must be"):
         vsops.budget_to_k(-1, 0.5)
+    with pytest.raises(ValueError, match="n must be >= 0, got a length of -4"):
+        vsops.budget_to_k(torch.tensor([3, -4, 2]), 0.5)  # as the int form
     with pytest.raises(TypeError):
         vsops.budget_to_k(torch.tensor([1.0]), 0.5)
 

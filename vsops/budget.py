@@ -26,7 +26,8 @@ def budget_to_k(n: int | torch.Tensor, budget: float) -> int | torch.Tensor:
     clamped to ``n`` (so an empty segment keeps 0 and a non-empty one keeps at least 1).
 
     Args:
-        n: segment length, an int >= 0 or an integer tensor of lengths (any shape).
+        n: segment length, an int >= 0 or an integer tensor of lengths >= 0 (any shape;
+            checked on CPU tensors, and trusted on GPU tensors, where reading them would sync).
         budget: fraction of tokens to keep, in (0, 1].
 
     Returns:
@@ -37,6 +38,8 @@ def budget_to_k(n: int | torch.Tensor, budget: float) -> int | torch.Tensor:
         if n.is_floating_point() or n.dtype == torch.bool or n.is_complex():
             raise TypeError(f"n must be an integer tensor, got {n.dtype}")
         n = n.long()
+        if n.device.type == "cpu" and not torch.compiler.is_compiling() and bool((n < 0).any()):
+            raise ValueError(f"n must be >= 0, got a length of {int(n.min())}")
         k = torch.floor(n.double() * budget + _EPS).long().clamp(min=1)
         return torch.minimum(k, n)
     if isinstance(n, bool) or not isinstance(n, int):
