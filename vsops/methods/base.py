@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from vsops.difftopk import topk_mask
+from vsops.ops.validation import check_offsets
 
 __all__ = [
     "VISUAL_TOKENS",
@@ -116,11 +117,8 @@ def segments_of(x: torch.Tensor, k, cu_seqlens: torch.Tensor | None) -> tuple[to
                         f"of shape {tuple(getattr(x, 'shape', ()))}")
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise TypeError("cu_seqlens must be an int32 tensor [S + 1]")
+    check_offsets(cu_seqlens, x.shape[0], total_name="N")
     lengths = cu_seqlens.diff().cpu()
-    if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[0] or bool((lengths < 0).any()):
-        raise ValueError(f"cu_seqlens must rise from 0 to N = {x.shape[0]}, got {cu_seqlens.tolist()}")
     if isinstance(k, bool) or not isinstance(k, (int, Sequence, torch.Tensor)):
         raise TypeError(f"k must be an int or one int per segment, got {type(k).__name__}")
     if isinstance(k, int):

@@ -19,8 +19,9 @@ import torch
 
 from vsops import backends, reference
 from vsops.ops.registry import Operator
+from vsops.ops.validation import check_offsets
 
-__all__ = ["attention_received", "implemented", "check_arguments"]
+__all__ = ["attention_received", "check_arguments"]
 
 
 def _triton_attention():
@@ -41,23 +42,6 @@ received = Operator(
 )
 
 
-def implemented() -> list[str]:
-    """The backends with this op here: the compiled one serves CPU tensors ("cpu") and, in a
-    CUDA build, CUDA tensors ("cuda")."""
-    names = received.backends()
-    return names + ["cuda"] if backends.available()["cuda"] else names
-
-
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> torch.Tensor:
-    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        raise TypeError(f"{name} must be an int32 tensor [S + 1]")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device}, q and k on {device}")
-    lengths = cu.diff()
-    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
-        raise ValueError(f"{name} must rise from 0 to {total}, got {cu.tolist()}")
-    return lengths
-
 
 def check_arguments(q, k, cu_seqlens_q, cu_seqlens_k, scale) -> None:
     """What the compiled kernels check (``check_attention_received_inputs``), for the Python
@@ -75,8 +59,8 @@ def check_arguments(q, k, cu_seqlens_q, cu_seqlens_k, scale) -> None:
         raise ValueError(f"q is on {q.device} but k on {k.device}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    check_offsets(cu_seqlens_q, q.shape[0], name="cu_seqlens_q", device=q.device, total_name="the queries")
+    check_offsets(cu_seqlens_k, k.shape[0], name="cu_seqlens_k", device=q.device, total_name="the keys")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have one entry per segment each, got {cu_seqlens_q.numel()} "
@@ -126,5 +110,5 @@ def attention_received(
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 3:
         scale = q.shape[-1] ** -0.5
     check_arguments(q, k, cu_seqlens_q, cu_seqlens_k, scale)
-    backend = backends.select_implemented(q.device, q.dtype, implemented())
+    backend = backends.select_implemented(q.device, q.dtype, received.implemented())
     return received(q.contiguous(), k.contiguous(), cu_seqlens_q, cu_seqlens_k, float(scale), backend=backend)

@@ -13,6 +13,7 @@ import torch
 
 from vsops import backends, reference
 from vsops.ops.registry import Operator
+from vsops.ops.validation import check_offsets
 
 
 def _triton_divprune():
@@ -33,12 +34,6 @@ keep = Operator(
 )
 
 
-def implemented() -> list[str]:
-    """The backends with this op here: the compiled one serves CPU tensors ("cpu") and, in a
-    CUDA build, CUDA tensors ("cuda")."""
-    names = keep.backends()
-    return names + ["cuda"] if backends.available()["cuda"] else names
-
 
 def check_arguments(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     """What the compiled kernels check (``check_divprune_inputs``), for the Python backends."""
@@ -46,15 +41,12 @@ def check_arguments(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) 
         raise TypeError(f"x must be a floating-point tensor [total, D], got {getattr(x, 'dtype', type(x).__name__)}")
     if not isinstance(k, torch.Tensor) or k.dtype != torch.long or k.dim() != 1:
         raise TypeError("k must be an int64 tensor [S]")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise TypeError("cu_seqlens must be an int32 tensor [S + 1]")
-    if k.device != x.device or cu_seqlens.device != x.device:
-        raise ValueError(f"k and cu_seqlens must be on the device of x ({x.device})")
+    if k.device != x.device:
+        raise ValueError(f"k must be on the device of x ({x.device})")
+    check_offsets(cu_seqlens, x.shape[0], device=x.device)
     if k.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"k must have one entry per segment ({cu_seqlens.numel() - 1}), got {k.numel()}")
     lengths = cu_seqlens.diff()
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[0] or bool((lengths < 0).any()):
-        raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens, {x.shape[0]}")
     if bool(((k < 0) | (k > lengths)).any()):
         raise ValueError("k must be in [0, n] for every segment")
 
@@ -63,5 +55,5 @@ def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
     """The op on the backend chosen for ``x`` among those that implement it; the arguments are
     checked first (the compiled kernels check them too, the Python ones rely on this)."""
     check_arguments(x, k, cu_seqlens)
-    backend = backends.select_implemented(x.device, x.dtype, implemented())
+    backend = backends.select_implemented(x.device, x.dtype, keep.implemented())
     return keep(x.contiguous(), k, cu_seqlens, backend=backend)

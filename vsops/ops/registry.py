@@ -52,6 +52,13 @@ class Operator:
             names.append("cpu")
         return names
 
+    def implemented(self) -> list[str]:
+        """The backends with this op here: the Python ones, the compiled one for CPU tensors
+        ("cpu") and, in a CUDA build, for CUDA tensors ("cuda"); for
+        :func:`vsops.backends.select_implemented`."""
+        names = self.backends()
+        return names + ["cuda"] if backends.available()["cuda"] else names
+
     def __call__(self, *args, backend: str | None = None):
         """Runs the op on the backend chosen for the first argument's device and dtype."""
         first = args[0]

@@ -96,14 +96,28 @@ def check_data(scores, k: torch.Tensor, cu_seqlens, nan_policy: str, *, bounds_c
     raise_failed(checks)
 
 
-def cu_seqlens_checks(cu_seqlens: torch.Tensor, total: int, total_name: str) -> list[tuple[torch.Tensor, str]]:
+def cu_seqlens_checks(cu_seqlens: torch.Tensor, total: int, total_name: str,
+                      name: str = "cu_seqlens") -> list[tuple[torch.Tensor, str]]:
     """The (flag, message) checks of cu_seqlens' bounds against ``total`` tokens, unread."""
     c = cu_seqlens
     return [
-        (c[0] != 0, "cu_seqlens must start at 0"),
-        ((c[1:] < c[:-1]).any(), "cu_seqlens must be non-decreasing"),
-        (c[-1] != total, f"cu_seqlens must end at {total_name} = {total}"),
+        (c[0] != 0, f"{name} must start at 0"),
+        ((c[1:] < c[:-1]).any(), f"{name} must be non-decreasing"),
+        (c[-1] != total, f"{name} must end at {total_name} = {total}"),
     ]
+
+
+def check_offsets(cu_seqlens, total: int, *, name: str = "cu_seqlens", device=None,
+                  total_name: str = "the number of tokens") -> None:
+    """An int32 ``[S + 1]`` offsets tensor into ``total`` packed rows (on ``device`` when
+    given): its type and shape, then its bounds with one host sync (:func:`cu_seqlens_checks`)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise TypeError(f"{name} must be an int32 tensor [S + 1]")
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry, [S + 1]")
+    if device is not None and cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device}, the tokens on {device}")
+    raise_failed(cu_seqlens_checks(cu_seqlens, total, total_name, name))
 
 
 def raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
