@@ -259,23 +259,22 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     attention_mask = kwargs.get("attention_mask")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
         raise ValueError("VisionSelector needs a 2-D attention_mask [B, L] (or None)")
-    visual = torch.zeros_like(input_ids, dtype=torch.bool)
-    for token, _ in adapter.placeholders(inner.config).values():
-        visual |= input_ids == token
+    placeholders = adapter.placeholders(inner.config).values()
+    # The kind of each token: its placeholder's index, -1 for text.
+    kinds = torch.full_like(input_ids, -1)
+    for index, (token, _) in enumerate(placeholders):
+        kinds[input_ids == token] = index
+    visual = kinds >= 0
     if attention_mask is not None:
         visual &= attention_mask.bool()
     ids, items = None, 0
     if selector.scope == "image":
         ids, items = image_ids(adapter, inner, input_ids, kwargs)
     capture = selector.vision_capture
-    kinds = None
-    if capture is not None and VISION_ATTENTION in selector.method.needs:
-        kinds = torch.full_like(input_ids, -1)
-        for index, (token, _) in enumerate(adapter.placeholders(inner.config).values()):
-            kinds[input_ids == token] = index
-    selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training, kinds=kinds)
-    grids = (grid for _, grid in adapter.placeholders(inner.config).values())
-    if kinds is not None and capture.wanted(inner) and any(kwargs.get(grid) is not None for grid in grids):
+    reads_tower = capture is not None and VISION_ATTENTION in selector.method.needs
+    selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training,
+                        kinds=kinds if reads_tower else None)
+    if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders):
         capture.clear()  # the tower runs inside this forward
     return args, kwargs
 

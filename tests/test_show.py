@@ -12,7 +12,8 @@ pytest.importorskip("matplotlib")
 PIL = pytest.importorskip("PIL.Image")
 tokenizers = pytest.importorskip("tokenizers")
 
-from vsops.demo.show import overlay_mask, select_on_image  # noqa: E402
+from vsops.demo.plots import overlay_mask  # noqa: E402
+from vsops.demo.show import select_on_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")

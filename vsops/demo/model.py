@@ -7,7 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 __all__ = ["SHIPPED", "load", "retrain", "shipped_metrics"]
 
@@ -46,7 +45,5 @@ def retrain(output_dir: Path, *, progress: bool = True) -> Path:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = ["--task", "synthetic", "--output-dir", str(output_dir), "--eval-examples", "0", "--device", "cpu"]
-    args = parser.parse_args(argv + ([] if progress else ["--no-progress"]))
-    torch.manual_seed(args.seed)
-    run(args)
+    run(parser.parse_args(argv + ([] if progress else ["--no-progress"])))
     return Path(output_dir)

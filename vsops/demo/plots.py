@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-__all__ = ["selection_figure", "accuracy_figure", "prefill_figure", "kernels_figure", "save", "selection_size"]
+__all__ = ["selection_figure", "accuracy_figure", "prefill_figure", "kernels_figure", "save", "selection_size",
+           "overlay_mask"]
 
 DPI = 100
 ACCURACY_SIZE, PREFILL_SIZE, KERNELS_SIZE = (11, 4), (11, 4), (12, 4)
@@ -24,13 +26,20 @@ def selection_size(boards: int, methods: int, budgets: int) -> tuple[float, floa
     return 2.0 * (2 + budgets), 2.0 * boards * methods + 0.5
 
 
+def overlay_mask(keep: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """float32 ``[height, width]``: 1 over the image area of each kept token of ``keep [rows,
+    cols]`` (each token covers the same share of the image the processor resized), 0 elsewhere."""
+    rows, cols = keep.shape
+    return keep.float()[torch.arange(height) * rows // height][:, torch.arange(width) * cols // width]
+
+
 def _show_cells(ax, image, grid, keep=None, target=None):
     """The board, with the cells not kept dimmed and the kept ones outlined in white; the asked
     target outlined in red."""
     picture = image.permute(1, 2, 0).numpy()
     cell = image.shape[1] // grid
     if keep is not None:
-        dim = keep.float().repeat_interleave(cell, 0).repeat_interleave(cell, 1).numpy()
+        dim = overlay_mask(keep, *image.shape[1:]).numpy()
         picture = picture * (0.15 + 0.85 * dim[..., None])
         for r, c in keep.nonzero().tolist():
             ax.add_patch(Rectangle((c * cell - 0.5, r * cell - 0.5), cell, cell, fill=False, edgecolor="white",

@@ -8,7 +8,7 @@ import torch
 
 from vsops.training.data import collate_for_model
 
-__all__ = ["Board", "board_selections"]
+__all__ = ["Board", "board_selections", "merged_tokens"]
 
 
 @dataclasses.dataclass
@@ -25,9 +25,10 @@ class Board:
     correct: dict
 
 
-def _merged_tokens(model, batch) -> torch.Tensor:
-    """The visual tokens the language model would receive, ``[n, D]`` (the tower's output)."""
-    out = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+def merged_tokens(tower, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The visual tokens the language model would receive, ``[n, D]``: the vision tower's
+    output (a tensor in transformers 4, ``pooler_output`` in 5)."""
+    out = tower(pixel_values, grid_thw=grid)
     return getattr(out, "pooler_output", out)
 
 
@@ -43,7 +44,7 @@ def board_selections(model, task, indices, budgets, methods, progress=None) -> l
         batch = collate_for_model([example], model.config, prompt_only=True)
         batch.pop("labels", None)
         visual = batch["input_ids"][0] == TOKENS["image"]
-        x = _merged_tokens(model, batch).float()
+        x = merged_tokens(model.model.visual, batch["pixel_values"], batch["image_grid_thw"]).float()
         cu = torch.tensor([0, x.shape[0]], dtype=torch.int32)
         scores = model.visionselector.scorer(x, cu).view(task.grid, task.grid)
         pixels, _, colour, cell = task.image(index)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy
 import torch
 
-__all__ = ["Shown", "select_on_image", "overlay_mask", "show_figure"]
+__all__ = ["Shown", "select_on_image", "show_figure"]
 
 
 @dataclasses.dataclass
@@ -43,6 +43,7 @@ def select_on_image(model_dir, image_path, *, budget: float = 0.2, method: str =
     processor) with VisionSelector, runs one prompt with the image, and returns what it kept."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    from vsops.demo.selection import merged_tokens
     from vsops.integrations import adapter_for, from_pretrained
 
     if not Path(model_dir, "config.json").is_file():
@@ -73,8 +74,7 @@ def select_on_image(model_dir, image_path, *, budget: float = 0.2, method: str =
     keep = out.visionselector.keep[0][visual].view(shape)
     scores = None
     if method == "visionselector":
-        merged = tower(batch["pixel_values"], grid_thw=grid)
-        merged = getattr(merged, "pooler_output", merged)
+        merged = merged_tokens(tower, batch["pixel_values"], grid)
         cu = torch.tensor([0, merged.shape[0]], dtype=torch.int32)
         scores = model.visionselector.scorer(merged.to(model.visionselector.scorer.q_proj.weight.dtype), cu)
         scores = scores.float().view(shape)
@@ -82,17 +82,10 @@ def select_on_image(model_dir, image_path, *, budget: float = 0.2, method: str =
     return Shown(image, keep, scores, method, budget, out.visionselector.keep[0], visual)
 
 
-def overlay_mask(keep: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """float32 ``[height, width]``: 1 over the image area of each kept token of ``keep [rows,
-    cols]`` (each token covers the same share of the image the processor resized), 0 elsewhere."""
-    rows, cols = keep.shape
-    return keep.float()[torch.arange(height) * rows // height][:, torch.arange(width) * cols // width]
-
-
 def show_figure(shown: Shown):
     """The image with the kept tokens' patch blocks highlighted (the rest dimmed), and the
     learned scorer's heat map where there is one."""
-    from vsops.demo.plots import plt
+    from vsops.demo.plots import overlay_mask, plt
 
     panels = 2 if shown.scores is not None else 1
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 5), squeeze=False, layout="constrained")

@@ -45,15 +45,20 @@ def _load_rows(x_ptr, start, rows, n, head, heads, dim, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _segment(cu_q_ptr, cu_k_ptr, segment):
+    """``(start_q, n_q, start_k, n_k)`` of ``segment``, int64."""
+    start_q = tl.load(cu_q_ptr + segment).to(tl.int64)
+    start_k = tl.load(cu_k_ptr + segment).to(tl.int64)
+    return (start_q, tl.load(cu_q_ptr + segment + 1).to(tl.int64) - start_q,
+            start_k, tl.load(cu_k_ptr + segment + 1).to(tl.int64) - start_k)
+
+
+@triton.jit
 def _lse_kernel(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, lse_ptr, heads, dim, scale_log2,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    segment = tl.program_id(0)
     block = tl.program_id(1)
     head = tl.program_id(2)
-    start_q = tl.load(cu_q_ptr + segment).to(tl.int64)
-    n_q = tl.load(cu_q_ptr + segment + 1).to(tl.int64) - start_q
-    start_k = tl.load(cu_k_ptr + segment).to(tl.int64)
-    n_k = tl.load(cu_k_ptr + segment + 1).to(tl.int64) - start_k
+    start_q, n_q, start_k, n_k = _segment(cu_q_ptr, cu_k_ptr, tl.program_id(0))
     # Without keys there is no softmax, and pass 2 has no key to read the statistics for.
     if (block * BLOCK_M < n_q) & (n_k > 0):
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -76,13 +81,9 @@ def _lse_kernel(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, lse_ptr, heads, dim, scale_log
 @triton.jit
 def _column_sum_kernel(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, lse_ptr, partial_ptr, heads, dim, total_k,
                        scale_log2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    segment = tl.program_id(0)
     block = tl.program_id(1)
     head = tl.program_id(2)
-    start_q = tl.load(cu_q_ptr + segment).to(tl.int64)
-    n_q = tl.load(cu_q_ptr + segment + 1).to(tl.int64) - start_q
-    start_k = tl.load(cu_k_ptr + segment).to(tl.int64)
-    n_k = tl.load(cu_k_ptr + segment + 1).to(tl.int64) - start_k
+    start_q, n_q, start_k, n_k = _segment(cu_q_ptr, cu_k_ptr, tl.program_id(0))
     if block * BLOCK_N < n_k:
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         keys_t = tl.trans(_load_rows(k_ptr, start_k, cols, n_k, head, heads, dim, BLOCK_D))
