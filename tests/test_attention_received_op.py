@@ -58,7 +58,7 @@ def test_the_reference_is_the_definition():
 
 
 def test_the_reference_tiles_query_rows(monkeypatch):
-    monkeypatch.setattr(reference, "_ATTENTION_TILE_ELEMENTS", 50)
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 50)
     q, k, cq, ck = qk([40], [9], dtype=torch.float64)
     torch.testing.assert_close(reference.attention_received(q, k, cq, ck, 0.25), materialized(q, k, cq, ck, 0.25))
 

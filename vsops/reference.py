@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "TILE_ELEMENTS",
     "attention_received",
     "divprune_keep",
     "divprune_keeps_similarity",
@@ -315,16 +316,17 @@ def varlen_unpack(packed: torch.Tensor, indices: torch.Tensor, rows: int, fill: 
     return out.index_copy_(0, indices, packed)
 
 
-# Rows of a similarity tile: about 16M elements whatever the segment length, so the
-# nearest-neighbour pass never holds the n x n matrix (a 50,000-token video needs 64 MB of tile).
-_DIVPRUNE_TILE_ELEMENTS = 1 << 24
+# Elements of one tile of an n x n product (similarities, attention logits): the rows of a
+# tile are chosen so that it holds about 16M whatever the segment length, and no n x n matrix
+# is ever held (a 50,000-token video needs 64 MB of tile). The CPU kernels tile alike.
+TILE_ELEMENTS = 1 << 24
 
 
 def divprune_keeps_similarity(n: int, d: int) -> bool:
     """Whether DivPrune keeps the n x n similarities of the nearest-neighbour pass for its
     greedy passes (one row read per pick instead of an n x d product): when they take at most
     twice the tokens' memory, or one tile, so that memory stays O(n d)."""
-    return n * n <= max(2 * n * d, _DIVPRUNE_TILE_ELEMENTS)
+    return n * n <= max(2 * n * d, TILE_ELEMENTS)
 
 
 def _divprune_argmax(values: torch.Tensor, picked: torch.Tensor) -> int:
@@ -358,7 +360,7 @@ def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
             continue
         unit = torch.nn.functional.normalize(x[start:end].to(dtype), dim=-1)
         nearest = torch.empty(n, dtype=dtype, device=x.device)
-        rows = max(1, _DIVPRUNE_TILE_ELEMENTS // n)
+        rows = max(1, TILE_ELEMENTS // n)
         tiles = []
         for r in range(0, n, rows):
             similarity = unit[r : r + rows] @ unit.T
@@ -384,10 +386,6 @@ def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
     return keep
 
 
-# Query rows of one attention tile: about 16M logits whatever the segment length, so the
-# reference never holds a head's n x n attention.
-_ATTENTION_TILE_ELEMENTS = 1 << 24
-
 
 def attention_received(
     q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, scale: float
@@ -412,7 +410,7 @@ def attention_received(
             continue
         queries = q[qa:qb].to(dtype).transpose(0, 1)  # [H, n_q, d]
         keys = k[ka:kb].to(dtype).transpose(0, 1)  # [H, n_k, d]
-        rows = max(1, _ATTENTION_TILE_ELEMENTS // (heads * n_k))
+        rows = max(1, TILE_ELEMENTS // (heads * n_k))
         received = torch.zeros(n_k, dtype=dtype, device=k.device)
         for r in range(0, n_q, rows):
             logits = torch.matmul(queries[:, r : r + rows], keys.transpose(1, 2)) * scale

@@ -20,8 +20,6 @@ namespace vsops {
 namespace cpu {
 namespace {
 
-// Logits of a tile (the reference's _ATTENTION_TILE_ELEMENTS).
-constexpr int64_t kTileElements = int64_t(1) << 24;
 
 // Columns per thread in the column sums: a chunk of the accumulator stays in L1 while the
 // tile's rows stream past it.

@@ -20,8 +20,6 @@ namespace vsops {
 namespace cpu {
 namespace {
 
-// Elements of a similarity tile (the reference's _DIVPRUNE_TILE_ELEMENTS).
-constexpr int64_t kTileElements = int64_t(1) << 24;
 constexpr int64_t kSweepGrain = 4096;
 
 template <typename Acc>

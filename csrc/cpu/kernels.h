@@ -10,6 +10,10 @@
 namespace vsops {
 namespace cpu {
 
+// Elements of one tile of an n x n product (similarities, attention logits): the reference's
+// TILE_ELEMENTS, so that both tile alike and no n x n matrix is ever held.
+constexpr int64_t kTileElements = int64_t(1) << 24;
+
 std::tuple<at::Tensor, at::Tensor> difftopk_forward(const at::Tensor& scores, const at::Tensor& k,
                                                     const std::optional<at::Tensor>& cu_seqlens);
 

@@ -26,6 +26,7 @@ import torch
 
 from vsops.benchmarks.timing import seconds
 from vsops.budget import budget_to_k
+from vsops.reference import TILE_ELEMENTS
 
 DIM = 3584
 BUDGET = 0.1
@@ -71,7 +72,7 @@ def attention_bound_ms(q: torch.Tensor, k: torch.Tensor) -> float:
     (its tiles hold whole rows); the GPU kernels make it twice (statistics, then column sums),
     so half the bound is their ceiling."""
     patches, heads = q.shape[0], q.shape[1]
-    rows = max(1, min(patches, (1 << 24) // patches))
+    rows = max(1, min(patches, TILE_ELEMENTS // patches))
     tile, keys = q[:rows, 0], k[:, 0].T
     return 1e3 * seconds(lambda: torch.mm(tile, keys), 0.3) * heads * patches / rows
 

@@ -9,11 +9,10 @@ import torch
 from vsops.difftopk import topk_mask
 from vsops.methods.base import VISION_ATTENTION, VISUAL_TOKENS, Selected, SelectionMethod, VisionAttention, segments_of
 from vsops.methods.registry import register_method
+from vsops.reference import TILE_ELEMENTS
 
 __all__ = ["VisionZipMethod", "visionzip", "contextual_counts"]
 
-# Rows of one similarity tile of the merge assignment (tokens to merge x targets).
-_ASSIGN_TILE_ELEMENTS = 1 << 24
 
 
 def contextual_counts(n: torch.Tensor, k: torch.Tensor, contextual_ratio: float) -> torch.Tensor:
@@ -111,7 +110,7 @@ def _merge_segment(x, keys, dominant, c, keep, embeds) -> None:
     if others.numel():
         unit = torch.nn.functional.normalize(keys.float(), dim=-1)
         target_unit = unit[targets]
-        rows = max(1, _ASSIGN_TILE_ELEMENTS // c)
+        rows = max(1, TILE_ELEMENTS // c)
         assign = torch.cat([(unit[others[r : r + rows]] @ target_unit.T).argmax(1) for r in range(0, others.numel(), rows)])
         sums = torch.zeros_like(merged).index_add_(0, assign, x[others].float())
         counts = torch.bincount(assign, minlength=c).clamp_min(1).unsqueeze(1)
