@@ -10,6 +10,8 @@
 
 #include <ATen/ATen.h>
 
+#include "vsops/difftopk_math.h"
+
 namespace vsops {
 
 struct SegmentShape {
@@ -136,8 +138,9 @@ inline void check_backward_inputs(const at::Tensor& grad, const at::Tensor& scor
   TORCH_CHECK_TYPE(row_state.scalar_type() == state_dtype_for(scores.scalar_type()),
                    "vsops: row_state has the wrong dtype");
   TORCH_CHECK_VALUE(row_state.dim() == 2 && row_state.size(0) == num_segments &&
-                        row_state.size(1) == 3 && row_state.is_contiguous(),
-                    "vsops: row_state must be a contiguous [S, 3] tensor");
+                        row_state.size(1) == difftopk::kRowStateWidth && row_state.is_contiguous(),
+                    "vsops: row_state must be a contiguous [S, ", difftopk::kRowStateWidth,
+                    "] tensor (the forward's)");
   TORCH_CHECK_VALUE(row_state.device() == scores.device(),
                     "vsops: row_state must be on the device of scores");
 }

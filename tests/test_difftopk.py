@@ -21,6 +21,11 @@ def low_precision_ok(backend, dtype):
     return dtype in (torch.float32, torch.float64) or not (name == "triton" and device.type == "cpu")
 
 
+def serves(backend, dtype):
+    """Whether the forced backend runs ``dtype`` here (Triton has no float64 kernels)."""
+    return low_precision_ok(backend, dtype) and not (backend[0] == "triton" and dtype == torch.float64)
+
+
 def packed(lengths, device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
@@ -221,6 +226,75 @@ def test_monotone_in_scores_and_shift_invariant(backend):
     assert (sorted_mask[:, 1:] >= sorted_mask[:, :-1] - 1e-7).all()
     shifted = difftopk(s + torch.tensor([[5.0], [-3.0], [100.0], [0.5]], device=device), 60)
     torch.testing.assert_close(shifted, mask, atol=2e-5, rtol=0)
+
+
+# -- any finite scale -------------------------------------------------------------------
+
+GAPS = [(torch.float32, 1e7), (torch.float32, 1e8), (torch.bfloat16, 1e7), (torch.float16, 1e4),
+        (torch.float32, 1e30), (torch.float64, 1e20), (torch.float64, 1e300)]
+
+
+@pytest.mark.parametrize("dtype, scale", GAPS)
+def test_gap_beyond_sigmoid_range_gives_the_hard_topk(backend, dtype, scale):
+    """Scores a gap of 0.25 * scale apart: the limit of large finite scores is the hard
+    top-k, as it is for +-inf (a search ending on a tolerance relative to |t| gave rows
+    like [0, 1, 0.5] here)."""
+    if not serves(backend, dtype):
+        pytest.skip(f"{backend[0]} does not run {dtype} here")
+    _, device = backend
+    scores = (torch.tensor([[-1.5, -1.0, -1.25], [2.0, 1.0, 3.0]], dtype=torch.float64) * scale)
+    for k, expected in ((1, [[0, 1, 0], [0, 0, 1]]), (2, [[0, 1, 1], [1, 0, 1]])):
+        mask = difftopk(scores.to(device, dtype), k).cpu().double()
+        torch.testing.assert_close(mask, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+# Offsets from 1 to the dtype's range; each row's scores are shifted back exactly for the
+# oracle (all scores of a row within a factor of 2 of its first, so the float64 difference
+# is exact).
+SHIFTS = {
+    torch.float32: [1e3, 3e7, -1e9, 1e30],
+    torch.bfloat16: [1e3, 1e8, -1e30],
+    torch.float16: [3e3, -3e4],
+    torch.float64: [1e6, -1e15, 1e20, 1e300],
+}
+
+
+@pytest.mark.parametrize("dtype", list(SHIFTS))
+@pytest.mark.parametrize("spread", [1e-2, 1.0, 30.0])
+def test_shift_invariant_at_any_scale(backend, dtype, spread):
+    """Forward and backward of scores x + c equal those of x at every finite c (Appendix
+    A.9), down to the ties that rounding at c makes."""
+    if not serves(backend, dtype):
+        pytest.skip(f"{backend[0]} does not run {dtype} here")
+    _, device = backend
+    g = torch.Generator().manual_seed(11)
+    k = torch.tensor([1, 20, 99])
+    atol = 1e-5 if dtype in (torch.float32, torch.float64) else 8e-3
+    for shift in SHIFTS[dtype]:
+        scores = (torch.randn(3, 100, generator=g, dtype=torch.float64) * spread + shift).to(dtype)
+        exact = scores.double() - scores.double()[:, :1]
+        grad = torch.randn(3, 100, generator=g, dtype=torch.float64)
+        oracle = exact.clone().requires_grad_(True)
+        expected, _ = reference.difftopk_forward(oracle.detach(), k, None)
+        with torch.no_grad():
+            v = expected * (1 - expected)
+            expected_grad = v * (grad - (v * grad).sum(1, keepdim=True) / v.sum(1, keepdim=True))
+        x = scores.to(device).requires_grad_(True)
+        mask = difftopk(x, k.to(device))
+        mask.backward(grad.to(device, dtype))
+        torch.testing.assert_close(mask.cpu().double(), expected, atol=atol, rtol=0)
+        torch.testing.assert_close(x.grad.cpu().double(), expected_grad, atol=atol, rtol=0)
+        if dtype in (torch.float32, torch.float64):
+            assert (mask.double().sum(1).cpu() - k).abs().max() <= sum_tolerance(100)
+
+
+def test_reference_backend_at_any_scale(monkeypatch):
+    monkeypatch.setenv("VSOPS_BACKEND", "reference")
+    forced = ("reference", torch.device("cpu"))
+    for dtype, scale in GAPS:
+        test_gap_beyond_sigmoid_range_gives_the_hard_topk(forced, dtype, scale)
+    for dtype in SHIFTS:
+        test_shift_invariant_at_any_scale(forced, dtype, 1.0)
 
 
 # -- hard top-k ------------------------------------------------------------------------

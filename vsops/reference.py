@@ -36,9 +36,12 @@ __all__ = [
     "varlen_unpack",
 ]
 
-# Bisection steps of the oracle: from a bracket of width w the error is w * 2**-64, below
-# the float64 resolution of t for any bracket a float32 row can produce.
+# Bisection steps of the oracle between checks that it has converged: from a bracket of
+# width w the error is w * 2**-64, below the float64 resolution of t for most rows.
 _BISECTION_STEPS = 64
+# A row's threshold is anchor + t (difftopk_math.h's RowSolution); row_state holds
+# [anchor, t, value of +inf scores, value of -inf scores] per segment.
+ROW_STATE_WIDTH = 4
 
 
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -75,18 +78,41 @@ def _from_rows(rows: torch.Tensor, valid: torch.Tensor, index: torch.Tensor, lik
     return out
 
 
-def _mask_value(s: torch.Tensor, t: torch.Tensor, pos_inf_value, neg_inf_value):
-    m = torch.sigmoid(s + t)
+def _mask_value(s: torch.Tensor, anchor: torch.Tensor, t: torch.Tensor, pos_inf_value, neg_inf_value):
+    m = torch.sigmoid((s + anchor) + t)
     m = torch.where(s == float("inf"), pos_inf_value, m)
     return torch.where(s == float("-inf"), neg_inf_value, m)
+
+
+def _bisect(scores, anchor, lo, hi, k):
+    """Bisects each row's bracket [lo, hi] on t for sum(sigmoid((s + anchor) + t)) = k, to
+    float64 resolution: in rounds of _BISECTION_STEPS until no midpoint falls strictly
+    inside (one host sync per round; a bracket spanning 1e300 takes ~35 rounds)."""
+    while True:
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            f = torch.sigmoid((scores + anchor.unsqueeze(1)) + mid.unsqueeze(1)).sum(1)
+            below = f < k
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        mid = 0.5 * (lo + hi)
+        if not bool(((mid > lo) & (mid < hi)).any()):
+            return lo, hi
+
+
+def _mask_slope_sum(scores, threshold):
+    """sum(sigmoid'(s + threshold)) per row."""
+    m = torch.sigmoid(scores + threshold.unsqueeze(1))
+    return (m * (1 - m)).sum(1)
 
 
 def difftopk_forward(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None):
     """DiffTopK forward: ``(mask, row_state)``.
 
     ``mask`` has the shape and dtype of ``scores``: ``sigmoid(s + t)`` per segment with
-    ``sum(mask) = k``. ``row_state`` is ``[S, 3]`` in ``state_dtype_for(scores.dtype)``: the
-    threshold ``t`` and the values given to ``+inf`` and ``-inf`` scores. Semantics of the
+    ``sum(mask) = k``. ``row_state`` is ``[S, ROW_STATE_WIDTH]`` in
+    ``state_dtype_for(scores.dtype)``: the threshold as ``anchor + t`` (each score is shifted
+    by ``(s + anchor) + t``) and the values given to ``+inf`` and ``-inf`` scores. Semantics of the
     limits (k = 0, k = n, infinite scores, NaN) are those of ``csrc/include/vsops/difftopk_math.h``.
     """
     s, valid, index = _to_rows(scores.double(), cu_seqlens, float("-inf"))
@@ -107,15 +133,22 @@ def difftopk_forward(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Te
     searching = ~saturated_pos & ~saturated_fin
     frac = torch.where(searching, (kk - n_pos) / n_fin.clamp(min=1), torch.full_like(kk, 0.5))
     base = torch.log(frac) - torch.log1p(-frac)
-    lo = torch.where(searching, base - s_max, torch.zeros_like(kk))
-    hi = torch.where(searching, base - s_min, torch.zeros_like(kk))
+    # Widened by the rounding of both ends, so the bracket holds t even for equal scores.
+    eps = 4 * torch.finfo(torch.float64).eps
+    lo = torch.where(searching, base - s_max - eps * (base.abs() + s_max.abs()), torch.zeros_like(kk))
+    hi = torch.where(searching, base - s_min + eps * (base.abs() + s_min.abs()), torch.zeros_like(kk))
     s_search = torch.where(finite, s, torch.where(s == float("inf"), s, torch.full_like(s, float("-inf"))))
-    for _ in range(_BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
-        f = torch.sigmoid(s_search + mid.unsqueeze(1)).sum(1)
-        below = f < kk
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
+    lo, hi = _bisect(s_search, torch.zeros_like(lo), lo, hi, kk)
+    # The threshold of scores near 1e20 is near -1e20, where float64 resolves steps of 2**14
+    # only: bisect again relative to an anchor there (as the kernels do), where (s + anchor)
+    # is exact for the scores that decide the threshold. The anchor is a bracket end rounded
+    # to the dtype row_state keeps (so that the backward shifts by the same value): the one
+    # with the larger slope, where the threshold is when the scores are spaced far apart.
+    state_dtype = state_dtype_for(scores.dtype)
+    ends = [end.to(state_dtype).double() for end in (lo, hi)]
+    slope_lo, slope_hi = (_mask_slope_sum(s_search, end) for end in ends)
+    anchor = torch.where(searching, torch.where(slope_hi > slope_lo, ends[1], ends[0]), torch.zeros_like(lo))
+    lo, hi = _bisect(s_search, anchor, lo - anchor, hi - anchor, kk)
     t = torch.where(searching, 0.5 * (lo + hi), torch.where(saturated_pos, -torch.inf, torch.inf))
     pos_value = torch.where(saturated_pos, torch.where(n_pos > 0, kk / n_pos.clamp(min=1), 0.0), 1.0)
     neg_value = torch.where(
@@ -123,16 +156,18 @@ def difftopk_forward(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Te
     )
     nan = torch.full_like(t, float("nan"))
     t, pos_value, neg_value = (torch.where(has_nan, nan, x) for x in (t, pos_value, neg_value))
+    anchor = torch.where(has_nan, torch.zeros_like(anchor), anchor)
 
-    m = _mask_value(s, t.unsqueeze(1), pos_value.unsqueeze(1), neg_value.unsqueeze(1))
+    state = torch.stack([anchor, t, pos_value, neg_value], dim=1)
+    m = _mask_value(s, *(column.unsqueeze(1) for column in state.unbind(1)))
     m = torch.where(valid, m, torch.zeros_like(m))
-    state = torch.stack([t, pos_value, neg_value], dim=1).to(state_dtype_for(scores.dtype))
+    state = state.to(state_dtype)
     return _from_rows(m, valid, index, scores), state
 
 
 def _mask_slope(s: torch.Tensor, state: torch.Tensor):
-    t, pos_value, neg_value = (state[:, i].double().unsqueeze(1) for i in range(3))
-    m = _mask_value(s, t, pos_value, neg_value)
+    anchor, t, pos_value, neg_value = (column.double().unsqueeze(1) for column in state.unbind(1))
+    m = _mask_value(s, anchor, t, pos_value, neg_value)
     return m * (1 - m)
 
 

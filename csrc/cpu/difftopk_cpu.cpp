@@ -63,14 +63,15 @@ RowSolution<T> solve_row(const T* s, int64_t n, int64_t k) {
   difftopk::Search<T> search;
   if (!difftopk::plan_row(row_stats(s, n), k, sol, search)) return sol;
   while (!search.done) {
-    const T t = search.t;
+    const Vec<T> anchor(search.anchor), t(search.t);
     const auto sums = sum_lanes<T, 3>(n, [&](int64_t i, int64_t count, std::array<Vec<T>, 3>& parts) {
-      vec_sigmoid_parts(Vec<T>::loadu(s + i, count) + Vec<T>(t), parts[0], parts[1], parts[2]);
+      vec_sigmoid_parts(vec_shifted_score(Vec<T>::loadu(s + i, count), anchor, t), parts[0], parts[1],
+                        parts[2]);
     });
     const double residual = difftopk::newton_residual(sums[0], sums[1], double(search.target));
     difftopk::search_step(search, T(residual), T(sums[2]));
   }
-  sol.t = search.t;
+  difftopk::take_threshold(search, sol);
   return sol;
 }
 

@@ -42,11 +42,17 @@ inline void vec_sigmoid_parts(const Vec<T>& z, Vec<T>& above, Vec<T>& deviation,
   slope = ep * p;
 }
 
+// difftopk::shifted_score on lanes, in the same order: (s + anchor) + t.
+template <typename T>
+inline Vec<T> vec_shifted_score(const Vec<T>& s, const Vec<T>& anchor, const Vec<T>& t) {
+  return (s + anchor) + t;
+}
+
 // Mirrors vsops::difftopk::mask_value for a row with solution `sol`.
 template <typename T>
 inline Vec<T> vec_mask_value(const Vec<T>& s, const difftopk::RowSolution<T>& sol) {
   Vec<T> sig, slope;
-  vec_sigmoid_and_slope(s + Vec<T>(sol.t), sig, slope);
+  vec_sigmoid_and_slope(vec_shifted_score(s, Vec<T>(sol.anchor), Vec<T>(sol.t)), sig, slope);
   sig = Vec<T>::blendv(sig, Vec<T>(sol.pos_inf_value), s == Vec<T>(infinity<T>()));
   return Vec<T>::blendv(sig, Vec<T>(sol.neg_inf_value), s == Vec<T>(-infinity<T>()));
 }
@@ -55,7 +61,7 @@ inline Vec<T> vec_mask_value(const Vec<T>& s, const difftopk::RowSolution<T>& so
 template <typename T>
 inline Vec<T> vec_mask_slope_finite_t(const Vec<T>& s, const difftopk::RowSolution<T>& sol) {
   Vec<T> sig, slope;
-  vec_sigmoid_and_slope(s + Vec<T>(sol.t), sig, slope);
+  vec_sigmoid_and_slope(vec_shifted_score(s, Vec<T>(sol.anchor), Vec<T>(sol.t)), sig, slope);
   const T pos = sol.pos_inf_value, neg = sol.neg_inf_value;
   slope = Vec<T>::blendv(slope, Vec<T>(pos * (T(1) - pos)), s == Vec<T>(infinity<T>()));
   return Vec<T>::blendv(slope, Vec<T>(neg * (T(1) - neg)), s == Vec<T>(-infinity<T>()));

@@ -60,12 +60,12 @@ __device__ RowStats<Acc<In>> row_stats(const ScoreRow<In>& row) {
 }
 
 template <typename In>
-__device__ SigmoidSums<Acc<In>> sigmoid_sums(const ScoreRow<In>& row, Acc<In> t) {
+__device__ SigmoidSums<Acc<In>> sigmoid_sums(const ScoreRow<In>& row, Acc<In> anchor, Acc<In> t) {
   using T = Acc<In>;
   SigmoidSums<T> sums{0, T(0), T(0)};
   for (int64_t i = threadIdx.x; i < row.length; i += kBlockThreads) {
     T above, deviation, slope;
-    sigmoid_parts(row[i] + t, above, deviation, slope);
+    sigmoid_parts(difftopk::shifted_score(row[i], anchor, t), above, deviation, slope);
     sums.above += above != T(0);
     sums.deviation += deviation;
     sums.slope += slope;
@@ -84,11 +84,11 @@ __device__ RowSolution<Acc<In>> solve_row(const ScoreRow<In>& row, const RowStat
   difftopk::Search<T> search{};
   if (!difftopk::plan_row(stats, k, solution, search)) return solution;
   while (!search.done) {
-    const SigmoidSums<T> sums = sigmoid_sums(row, search.t);
+    const SigmoidSums<T> sums = sigmoid_sums(row, search.anchor, search.t);
     const double residual = difftopk::newton_residual(sums.above, sums.deviation, search.target);
     difftopk::search_step(search, static_cast<T>(residual), sums.slope);
   }
-  solution.t = search.t;
+  difftopk::take_threshold(search, solution);
   return solution;
 }
 

@@ -32,7 +32,8 @@ def _triton_topk():
 
 def _forward_fake(scores, k, cu_seqlens):
     state = scores.new_empty(
-        (validation.num_segments(scores, cu_seqlens), 3), dtype=reference.state_dtype_for(scores.dtype)
+        (validation.num_segments(scores, cu_seqlens), reference.ROW_STATE_WIDTH),
+        dtype=reference.state_dtype_for(scores.dtype),
     )
     return torch.empty_like(scores), state
 

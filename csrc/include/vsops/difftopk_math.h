@@ -9,6 +9,8 @@
 //   3. a safeguarded Newton search: each iteration reduces the residual f(t) - k, with
 //      f(t) = sum sigmoid(s + t) summed by parts (sigmoid_parts() in math.h) to keep its
 //      precision, and f'(t) = sum sigmoid'(s + t) over the row, and calls search_step();
+//      t is carried as the unevaluated sum anchor + t (below), so the search meets its
+//      tolerance at any finite scale of the scores;
 //   4. mask_value() per element.
 // The backward (Eq. 8 of the paper) is dL/ds = v * (g - sum(v g) / sum(v)) with
 // v = sigmoid'(s + t), recomputed from s and the saved RowSolution (mask_slope()).
@@ -74,71 +76,102 @@ VSOPS_HD RowStats<T> combine(const RowStats<T>& a, const RowStats<T>& b) {
                      a.n_nan + b.n_nan};
 }
 
-// What the forward keeps per row for the backward: the threshold and the values given to
-// +inf and -inf entries (1 and 0 unless the row is saturated by infinite scores).
-// Stored as three consecutive elements of the row_state tensor [S, 3].
+// What the forward keeps per row for the backward: the threshold as anchor + t, and the
+// values given to +inf and -inf entries (1 and 0 unless the row is saturated by infinite
+// scores). Stored as four consecutive elements of the row_state tensor [S, 4].
+//
+// Every element is evaluated at z = (s + anchor) + t, in that order. The threshold of a row
+// of scores near 1e8 is near -1e8, where a float t has a resolution of 8 while sigmoid
+// changes over units; but s + anchor is exact for the scores near the threshold (Sterbenz:
+// s and -anchor within a factor of 2), and the small t then places the threshold between
+// them. Scores far from the threshold round in s + anchor, but their |z| is then so large
+// that sigmoid is 0 or 1 either way. anchor is 0 unless the search needed it.
 template <typename T>
 struct RowSolution {
+  T anchor;
   T t;
   T pos_inf_value;
   T neg_inf_value;
 };
 
-constexpr int kRowStateWidth = 3;
+constexpr int kRowStateWidth = 4;
 
 template <typename T>
 VSOPS_HD void store_solution(const RowSolution<T>& sol, T* state) {
-  state[0] = sol.t;
-  state[1] = sol.pos_inf_value;
-  state[2] = sol.neg_inf_value;
+  state[0] = sol.anchor;
+  state[1] = sol.t;
+  state[2] = sol.pos_inf_value;
+  state[3] = sol.neg_inf_value;
 }
 
 template <typename T>
 VSOPS_HD RowSolution<T> load_solution(const T* state) {
-  return RowSolution<T>{state[0], state[1], state[2]};
+  return RowSolution<T>{state[0], state[1], state[2], state[3]};
+}
+
+// z = (s + anchor) + t: the one evaluation order of every backend and pass.
+template <typename T>
+VSOPS_HD T shifted_score(T s, T anchor, T t) {
+  return (s + anchor) + t;
 }
 
 // Safeguarded Newton (Newton inside a shrinking bracket, bisection when Newton leaves it or
 // stalls). `target` is k itself: +inf entries contribute exactly 1 and -inf entries 0 to
 // f(t) for any finite t, so the search sums over the whole row with no per-element test.
+// The iterate is anchor + t with the bracket [lo, hi] on t; the kernels evaluate
+// shifted_score(s, anchor, t).
 template <typename T>
 struct Search {
   T target;
+  T anchor;
   T lo;
   T hi;
+  T lo_slope;  // f' where the bracket ends were evaluated (0 before)
+  T hi_slope;
   T t;
   T last_step;
   int iterations;
+  bool anchored;
   bool done;
 };
 
 // A Newton step this small ends the search. Newton's error after a step d is about
-// d^2 * |f''| / (2 f') <= d^2 / 2 for sigmoid sums, so the absolute part (1e-5 in float,
-// far above the float noise floor of the row sums) leaves ~1e-10 in t; the relative part is
-// 4 ulp of t, below which float cannot place t anyway.
+// d^2 * |f''| / (2 f') <= d^2 / 2 for sigmoid sums, so 1e-5 in float (far above the float
+// noise floor of the row sums) leaves ~1e-10 in t. The tolerance is absolute: one relative
+// to |t| would end the search at |t| ~ 1e7 with t wrong by units; where t cannot be placed
+// that finely, the search anchors instead (move_inside()).
 template <typename T>
-VSOPS_HD T search_tolerance(T t);
+VSOPS_HD T search_tolerance();
 
 template <>
-VSOPS_HD float search_tolerance<float>(float t) {
-  return 1e-5f + 4.8e-7f * abs_(t);
+VSOPS_HD float search_tolerance<float>() {
+  return 1e-5f;
 }
 
 template <>
-VSOPS_HD double search_tolerance<double>(double t) {
-  return 1e-12 + 8.9e-16 * abs_(t);
+VSOPS_HD double search_tolerance<double>() {
+  return 1e-12;
+}
+// x moved by 4 units of the given magnitude's last place (its sign gives the direction),
+// unless that would overflow.
+template <typename T>
+VSOPS_HD T widened(T x, T magnitude) {
+  const T moved = x + T(4) * epsilon<T>() * magnitude;
+  return abs_(moved) < infinity<T>() ? moved : x;
 }
 
 // Decides a row from its statistics. Returns true when a search is needed (then `search`
-// is initialised and `sol.t` must be taken from it when done); false when `sol` is final.
+// is initialised and `sol` must be completed by take_threshold() when it is done); false
+// when `sol` is final.
 // k is clamped to [0, n] so a bad k can never read or loop out of bounds (the Python
 // layer rejects it before any kernel runs).
 template <typename T>
 VSOPS_HD bool plan_row(const RowStats<T>& st, int64_t k, RowSolution<T>& sol, Search<T>& search) {
+  sol.anchor = T(0);
   sol.pos_inf_value = T(1);
   sol.neg_inf_value = T(0);
   if (st.n_nan > 0) {
-    sol = RowSolution<T>{quiet_nan<T>(), quiet_nan<T>(), quiet_nan<T>()};
+    sol = RowSolution<T>{T(0), quiet_nan<T>(), quiet_nan<T>(), quiet_nan<T>()};
     return false;
   }
   const int64_t n = st.n_finite + st.n_pos_inf + st.n_neg_inf;
@@ -163,8 +196,14 @@ VSOPS_HD bool plan_row(const RowStats<T>& st, int64_t k, RowSolution<T>& sol, Se
   const T nf = T(st.n_finite);
   const T base = log_(finite_target) - log_(nf - finite_target);
   search.target = T(k);
-  search.lo = base - st.max_finite;
-  search.hi = base - st.min_finite;
+  search.anchor = T(0);
+  search.anchored = false;
+  search.lo_slope = T(0);
+  search.hi_slope = T(0);
+  // Both ends round (by half a unit of |max| or |min|, and base by a few units of its own):
+  // widened by that much, the bracket holds t even when all finite scores are equal.
+  search.lo = widened(base - st.max_finite, -(abs_(base) + abs_(st.max_finite)));
+  search.hi = widened(base - st.min_finite, abs_(base) + abs_(st.min_finite));
   // Exact when all finite scores are equal (Jensen), so a good start for clustered rows.
   const T start = base - st.sum_finite / nf;
   search.t = start < search.lo ? search.lo : (start > search.hi ? search.hi : start);
@@ -175,45 +214,105 @@ VSOPS_HD bool plan_row(const RowStats<T>& st, int64_t k, RowSolution<T>& sol, Se
   return true;
 }
 
+template <typename T>
+VSOPS_HD void take_threshold(const Search<T>& search, RowSolution<T>& sol) {
+  sol.anchor = search.anchor;
+  sol.t = search.t;
+}
+
 // f(t) - k from the row sums of sigmoid_parts(): the integer count is exact in double, so
 // the subtraction loses nothing before the small deviations are added.
 VSOPS_HD double newton_residual(double above_sum, double deviation_sum, double target) {
   return (above_sum - target) + deviation_sum;
 }
 
-// One iteration: residual = sum sigmoid(s + t) - target and slope = sum sigmoid'(s + t) at
-// search.t, the residual computed by newton_residual().
+// Takes the Newton step when it stays strictly inside the bracket and either at least
+// halves the step before it (the rtsafe rule) or spans at most a quarter of the bracket,
+// else bisects. The second clause matters after anchoring, where the bracket may span
+// 1e284 while Newton closes in on t by steps of units: bisecting there would take ~900
+// passes. Returns false, leaving t, when neither lands strictly inside: the bracket ends
+// are adjacent at t's resolution.
+template <typename T>
+VSOPS_HD bool move_inside(Search<T>& q, T newton_step, bool has_slope) {
+  const T next = q.t + newton_step;
+  const bool inside = next > q.lo && next < q.hi;
+  const bool newton_ok = has_slope && inside &&
+                         (abs_(T(2) * newton_step) <= abs_(q.last_step) ||
+                          abs_(T(4) * newton_step) <= q.hi - q.lo);
+  const T step = newton_ok ? newton_step : (q.lo + q.hi) * T(0.5) - q.t;
+  const T moved = q.t + step;
+  if (!(moved > q.lo && moved < q.hi)) return false;
+  q.t = moved;
+  q.last_step = step;
+  return true;
+}
+
+// One iteration: residual = sum sigmoid(z) - target and slope = sum sigmoid'(z) at the
+// iterate, the residual computed by newton_residual().
+// Re-expresses the iterate as anchor + 0 with the bracket relative to it (see RowSolution).
+template <typename T>
+VSOPS_HD void anchor_at(Search<T>& q, T anchor) {
+  q.anchored = true;
+  q.anchor = anchor;
+  q.lo = q.lo - q.anchor;
+  q.hi = q.hi - q.anchor;
+  q.t = T(0);
+  q.last_step = q.hi - q.lo;
+}
+
+// One iteration: residual = sum sigmoid(z) - target and slope = sum sigmoid'(z) at the
+// iterate, the residual computed by newton_residual().
+//
+// The search runs in two phases. Unanchored, z = s + t: the sums are accurate at every t
+// (s + t is exact for the scores near -t, which decide f), but t itself resolves only to
+// half a unit of its last place. Once that is coarser than the tolerance and the search
+// has come that close, it anchors and goes on relative to the anchor, where t resolves
+// finely: at t after a small Newton step, or, when the bracket cannot be split, at the end
+// with the larger slope. That end is where some scores s have sigmoid(s + end) away from
+// 0 and 1, so the threshold lies within a few units of it: when the scores are spaced far
+// beyond sigmoid's range (|s| ~ 1e30), these are ties at -end and the relative t is their
+// logit, which a neighbouring anchor one unit (1e23) away could not resolve.
 template <typename T>
 VSOPS_HD void search_step(Search<T>& q, T residual, T slope) {
   const T r = residual;
   if (r < T(0)) {
     q.lo = q.t;
+    q.lo_slope = slope;
   } else if (r > T(0)) {
     q.hi = q.t;
+    q.hi_slope = slope;
   } else {
     q.done = true;
     return;
   }
   q.iterations += 1;
-  const T newton_step = slope > T(0) ? -r / slope : T(0);
-  const T next = q.t + newton_step;
-  const bool inside = next > q.lo && next < q.hi;
+  const bool has_slope = slope > T(0);
+  const T newton_step = has_slope ? -r / slope : T(0);
+  const T tolerance = search_tolerance<T>();
+  const bool resolves_tolerance = q.anchored || abs_(q.t) * epsilon<T>() <= tolerance;
   // A Newton step within tolerance ends the search. It may round to t itself or onto the
   // bracket end t just became, which is why it is tested before the bracket: bisecting
   // there would jump back across the whole bracket.
-  if (slope > T(0) && abs_(newton_step) <= search_tolerance<T>(q.t)) {
-    q.t = inside ? next : q.t;
+  if (has_slope && abs_(newton_step) <= tolerance && resolves_tolerance) {
+    const T next = q.t + newton_step;
+    q.t = next > q.lo && next < q.hi ? next : q.t;
     q.done = true;
     return;
   }
-  // Newton inside the bracket while it at least halves the step it took before (the rtsafe
-  // rule); otherwise bisect, which always shrinks the bracket.
-  const bool newton_ok = slope > T(0) && inside && abs_(T(2) * newton_step) <= abs_(q.last_step);
-  const T step = newton_ok ? newton_step : (q.lo + q.hi) * T(0.5) - q.t;
-  q.t = q.t + step;
-  q.last_step = step;
-  const bool bracket_exhausted = !(q.t > q.lo && q.t < q.hi);
-  if (bracket_exhausted || q.iterations >= kMaxSearchIterations) q.done = true;
+  if (q.iterations >= kMaxSearchIterations) {
+    q.done = true;
+    return;
+  }
+  const bool converged_here = has_slope && abs_(newton_step) <= tolerance;
+  if (!converged_here && move_inside(q, newton_step, has_slope)) return;
+  if (!q.anchored && (converged_here || q.hi - q.lo > tolerance)) {
+    const T anchor = converged_here ? q.t : (q.hi_slope > q.lo_slope ? q.hi : q.lo);
+    const bool at_t = anchor == q.t;
+    anchor_at(q, anchor);
+    // The Newton step was taken at t; from another anchor the next pass evaluates there.
+    if (!at_t || move_inside(q, newton_step, has_slope)) return;
+  }
+  q.done = true;
 }
 
 template <typename T>
@@ -221,14 +320,14 @@ VSOPS_HD T mask_value(T s, const RowSolution<T>& sol) {
   if (s == infinity<T>()) return sol.pos_inf_value;
   if (s == -infinity<T>()) return sol.neg_inf_value;
   T sig, slope;
-  sigmoid_and_slope(s + sol.t, sig, slope);
+  sigmoid_and_slope(shifted_score(s, sol.anchor, sol.t), sig, slope);
   return sig;
 }
 
 // v = dM/dz at s: the sigmoid slope, or M(1 - M) where M is a limit value (infinite s or t).
 template <typename T>
 VSOPS_HD T mask_slope(T s, const RowSolution<T>& sol) {
-  const T z = s + sol.t;
+  const T z = shifted_score(s, sol.anchor, sol.t);
   if (abs_(s) == infinity<T>() || abs_(sol.t) == infinity<T>() || is_nan(z)) {
     const T m = mask_value(s, sol);
     return m * (T(1) - m);

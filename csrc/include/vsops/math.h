@@ -25,6 +25,14 @@ VSOPS_HD T quiet_nan() { return static_cast<T>(NAN); }
 template <typename T>
 VSOPS_HD bool is_nan(T x) { return x != x; }
 
+// Machine epsilon: the spacing of T just above 1.
+template <typename T>
+VSOPS_HD T epsilon();
+template <>
+VSOPS_HD float epsilon<float>() { return 1.1920929e-07f; }
+template <>
+VSOPS_HD double epsilon<double>() { return 2.220446049250313e-16; }
+
 // Numerically stable logistic sigmoid and its derivative from one exponential:
 // e = exp(-|z|) never overflows, and sigma(z) = p or e*p with p = 1/(1+e).
 // z = +-inf gives exactly 1 or 0 with slope 0; NaN propagates.
