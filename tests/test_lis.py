@@ -91,6 +91,24 @@ def test_long_segment_float32_accuracy(backend):
     _assert_relative(lis_score(x, *weights, cu_seqlens=cu), expected, 1e-4)
 
 
+@pytest.mark.parametrize("layout", ["many", "ragged", "single"])
+def test_float16_weights_near_their_range_do_not_overflow(backend, layout):
+    """Weights up to 3e4 (float16's max is 65504): the products with the weights pass
+    float16's range although every input and the float32 scores are finite; no path may
+    round them to inf (the library GEMM past 16 segments did)."""
+    name, device = backend
+    if name == "triton" and device.type == "cpu":
+        pytest.skip("the Triton interpreter runs float32 only")
+    x, cu = LAYOUTS[layout](torch.float16, device)
+    g = torch.Generator().manual_seed(4)
+    qw, kw = ((torch.rand(PROJ, D, generator=g) * 2 - 1) * 3e4 for _ in range(2))
+    weights = tuple(t.to(device, torch.float16) for t in (qw, torch.zeros(PROJ), kw, torch.zeros(PROJ)))
+    scores = lis_score(x, *weights, cu_seqlens=cu)
+    expected = reference.lis_score_dense(x.cpu(), *(w.cpu() for w in weights), None if cu is None else cu.cpu())
+    assert torch.isfinite(scores).all()
+    _assert_relative(scores, expected, 4e-3)
+
+
 @pytest.mark.parametrize("layout", ["ragged", "single"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(backend, dtype, layout):

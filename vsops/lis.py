@@ -112,7 +112,8 @@ def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool, 
     reads the weight once (a library GEMM with a few vectors reaches a third of the bandwidth).
     Elsewhere they use the library GEMM; low-precision weights are then used as they are (a
     float32 copy would cost more traffic than the scoring passes) and the vectors are scaled
-    into range before their cast, so float16 cannot overflow.
+    into range before their cast, and for float16 weights far enough that no sum of products
+    can pass float16's range.
     """
     if vectors.shape[0] == 1:
         rows = weight.unsqueeze(0)
@@ -125,6 +126,14 @@ def _times_weight(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool, 
     if weight.dtype == acc:
         return F.linear(vectors, weight) if transpose else vectors @ weight
     scale = vectors.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+    if weight.dtype == torch.float16:
+        # Each output is a sum of `inner` products |v / scale| * |w| <= max|w|: scaled down
+        # further when that bound passes half of float16's range (one read of the weight,
+        # no copy and no host sync).
+        inner = weight.shape[1] if transpose else weight.shape[0]
+        w_min, w_max = torch.aminmax(weight)
+        bound = torch.maximum(w_min.abs(), w_max.abs()).to(acc) * inner
+        scale = scale * (bound / (torch.finfo(torch.float16).max / 2)).clamp(min=1)
     low = (vectors / scale).to(weight.dtype)
     out = F.linear(low, weight) if transpose else low @ weight
     return out.to(acc) * scale
