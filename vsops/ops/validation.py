@@ -60,10 +60,10 @@ def check_int(value, name: str, *, minimum: int = 0) -> int:
 
 
 def check_fill(value, name: str, dtype: torch.dtype) -> None:
-    """A Python number (not a bool) that ``dtype`` holds exactly: an integral value in range
+    """A real number (not a bool) that ``dtype`` holds exactly: an integral value in range
     for integer and bool tensors (``torch.full`` would truncate 0.5 to 0 silently), any value
     in range (NaN and inf included) for floating ones."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number (int or float), got {type(value).__name__}")
     if dtype.is_floating_point or dtype.is_complex:
         limit = torch.finfo(dtype).max
@@ -71,7 +71,7 @@ def check_fill(value, name: str, dtype: torch.dtype) -> None:
             raise ValueError(f"{name} = {value} is out of the range of {dtype} (|x| <= {limit})")
         return
     low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
-    integral = isinstance(value, int) or (math.isfinite(value) and value.is_integer())
+    integral = isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer())
     if not (integral and low <= value <= high):
         raise ValueError(f"{name} must be an integer in [{low}, {high}] for {dtype} tensors, got {value}")
 
