@@ -11,6 +11,15 @@ import pytest  # noqa: E402
 
 from vsops import backends  # noqa: E402
 
+try:
+    from hypothesis import settings
+except ImportError:  # only tests/test_properties.py needs it (the "test" extra installs it)
+    pass
+else:
+    # Deterministic in CI (the same examples every run, no example database), and quick.
+    settings.register_profile("vsops", max_examples=50, deadline=None, derandomize=True, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vsops"))
+
 
 def _compiled_backends():
     """(backend, device) pairs this machine can run, besides the reference."""

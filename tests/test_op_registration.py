@@ -77,3 +77,29 @@ def test_torch_compile_module_inductor():
     torch.testing.assert_close(soft, module(scores))
     module.eval()
     torch.testing.assert_close(torch.compile(module, fullgraph=True)(scores), module(scores))
+
+
+def _cpp_schemas() -> dict[str, str]:
+    """The schemas of python_bindings/ops.cpp's ``m.def("...")`` calls (adjacent string
+    literals joined), by op name."""
+    import pathlib
+    import re
+
+    source = (pathlib.Path(__file__).parents[1] / "python_bindings" / "ops.cpp").read_text()
+    defs = ["".join(re.findall(r'"([^"]*)"', call)) for call in re.findall(r"m\.def\((.*?)\);", source, re.S)]
+    return {schema.split("(", 1)[0]: schema for schema in defs}
+
+
+def test_the_python_schemas_match_the_compiled_ones():
+    """Each schema is written twice, in python_bindings/ops.cpp (the compiled ops) and in
+    vsops/ops/*.py (the reference and Triton ops, and what their fake kernels take): both must
+    declare the same ops with the same arguments and returns."""
+    from vsops.ops import attention_received, divprune, lis, registry, varlen  # noqa: F401  (registers them)
+
+    declared = {o.name: torch._C.parse_schema(f"vsops::{o.name}{o.schema}") for o in registry.OPERATORS}
+    written = {name: torch._C.parse_schema(f"vsops::{schema}") for name, schema in _cpp_schemas().items()}
+    assert sorted(declared) == sorted(written)
+    for name, schema in declared.items():
+        assert str(schema) == str(written[name]), name
+        if hasattr(torch.ops.vsops, name):  # vsops._C built: the schema it registered
+            assert str(schema) == str(getattr(torch.ops.vsops, name).default._schema), name

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "compiled_extension", "available", "select", "TRITON_DTYPES"]
+__all__ = ["BACKENDS", "BackendUnavailable", "compiled_extension", "available", "select", "TRITON_DTYPES"]
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,6 +43,17 @@ _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 _CUDA_DEVICE = torch.cuda.is_available()
 
 
+class BackendUnavailable(ValueError, RuntimeError):
+    """``VSOPS_BACKEND`` forces a backend that cannot run the call's tensors. A ValueError (the
+    tensors' device or dtype is wrong for it) and, as it was first, a RuntimeError."""
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run tensors on ``device``: CUDA ones, or CPU ones under the
+    interpreter (``TRITON_INTERPRET=1``, read per call)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def available() -> dict[str, bool]:
     """Backends usable in this process (for any device)."""
     return {
@@ -61,27 +72,36 @@ def _can_serve(backend: str, device: torch.device, dtype: torch.dtype, have: dic
     if backend == "cpu":
         return device.type == "cpu"
     if backend == "triton":
-        return dtype in TRITON_DTYPES and (
-            device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        )
+        return dtype in TRITON_DTYPES and triton_runs_on(device)
     return True
+
+
+# What each backend runs, for the error that a forced one cannot serve a call.
+_SERVES = {
+    "cuda": "CUDA tensors (in a CUDA build)",
+    "cpu": "CPU tensors (vsops._C built)",
+    "triton": "float16, bfloat16 and float32 CUDA tensors, or CPU ones under TRITON_INTERPRET=1",
+    "reference": "every tensor",
+}
 
 
 def default_order(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
 
 
-def select(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs a call on tensors of this device and dtype."""
+def select(device: torch.device, dtype: torch.dtype, what: str = "the tensors") -> str:
+    """The backend that runs a call on tensors of this device and dtype; ``what`` names them
+    in the error raised when ``VSOPS_BACKEND`` forces a backend that cannot."""
     forced = os.environ.get("VSOPS_BACKEND", "").strip().lower()
     have = available()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"VSOPS_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
         if not _can_serve(forced, device, dtype, have):
-            why = f" (vsops._C failed to import: {_COMPILED_ERROR})" if forced in ("cpu", "cuda") and _compiled is None else ""
-            raise RuntimeError(
-                f"VSOPS_BACKEND={forced} cannot run {dtype} tensors on {device.type}{why}"
+            why = f"; vsops._C failed to import: {_COMPILED_ERROR}" if forced in ("cpu", "cuda") and _compiled is None else ""
+            raise BackendUnavailable(
+                f"VSOPS_BACKEND={forced} cannot run {what} ({dtype} on {device.type}): it runs "
+                f"{_SERVES[forced]}{why}"
             )
         return forced
     for backend in default_order(device):
@@ -90,11 +110,11 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
     raise AssertionError("the reference backend serves every call")
 
 
-def select_implemented(device: torch.device, dtype: torch.dtype, implemented) -> str:
+def select_implemented(device: torch.device, dtype: torch.dtype, implemented, what: str = "the tensors") -> str:
     """:func:`select` for an op that only some backends implement: the chosen backend when it
     has the op, else the first of the default order that has it and can serve the call (the
     reference always can)."""
-    chosen = select(device, dtype)
+    chosen = select(device, dtype, what)
     if chosen in implemented:
         return chosen
     have = available()

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from vsops.ops.validation import check_tensor, is_integer
+
 __all__ = ["budget_to_k", "check_budget"]
 
 # Absorbs float error in budget * n (0.3 * 10 = 2.9999999999999996) without ever adding a token.
@@ -35,7 +37,8 @@ def budget_to_k(n: int | torch.Tensor, budget: float) -> int | torch.Tensor:
     """
     budget = check_budget(budget)
     if isinstance(n, torch.Tensor):
-        if n.is_floating_point() or n.dtype == torch.bool or n.is_complex():
+        check_tensor(n, "n")
+        if not is_integer(n):
             raise TypeError(f"n must be an integer tensor, got {n.dtype}")
         n = n.long()
         if n.device.type == "cpu" and not torch.compiler.is_compiling() and bool((n < 0).any()):

@@ -34,15 +34,15 @@ __all__ = ["difftopk", "topk_mask", "constraint_loss", "DiffTopK", "budget_to_k"
 
 
 def _prepare(scores, k, cu_seqlens, nan_policy):
-    """Validated (scores, k tensor, backend) for one call."""
-    validation.check_scores(scores, cu_seqlens)
+    """Validated (scores, k tensor, cu_seqlens, backend) for one call."""
+    cu_seqlens = validation.check_scores(scores, cu_seqlens)
     validation.check_nan_policy(nan_policy)
     k_checked_on_host = cu_seqlens is None and not isinstance(k, torch.Tensor)
     k = validation.k_tensor(k, scores, cu_seqlens)
-    backend = backends.select(scores.device, scores.dtype)
+    backend = backends.select(scores.device, scores.dtype, "scores")
     bounds_checked = backend == "cpu" or k_checked_on_host
     validation.check_data(scores, k, cu_seqlens, nan_policy, bounds_checked=bounds_checked)
-    return scores.contiguous(), k, backend
+    return scores.contiguous(), k, cu_seqlens, backend
 
 
 def difftopk(
@@ -66,7 +66,7 @@ def difftopk(
         backward is the implicit-differentiation formula (Eq. 8), not a backprop through the
         search.
     """
-    scores, k, backend = _prepare(scores, k, cu_seqlens, nan_policy)
+    scores, k, cu_seqlens, backend = _prepare(scores, k, cu_seqlens, nan_policy)
     mask, _ = _ops.forward(scores, k, cu_seqlens, backend=backend)
     return mask
 
@@ -83,7 +83,7 @@ def topk_mask(
     Ties go to the lower index; NaN ranks below ``-inf`` (or raises with
     ``nan_policy="raise"``). Arguments as in :func:`difftopk`. Not differentiable.
     """
-    scores, k, backend = _prepare(scores, k, cu_seqlens, nan_policy)
+    scores, k, cu_seqlens, backend = _prepare(scores, k, cu_seqlens, nan_policy)
     return _ops.topk_mask(scores, k, cu_seqlens, backend=backend)
 
 
@@ -96,21 +96,25 @@ def constraint_loss(soft: torch.Tensor, hard: torch.Tensor, *, reduction: str = 
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Computed in float32 with the soft mask clamped to [eps, 1 - eps] (eps = float32
-    machine epsilon), so exact 0 and 1 give finite values and gradients.
+    machine epsilon), so exact 0 and 1 give finite values and gradients. Empty masks give 0
+    for ``"mean"`` as for ``"sum"`` (no token, no penalty; the gradient is the empty tensor)
+    rather than the NaN of an empty mean.
     """
+    validation.check_float(soft, "soft")
+    validation.check_tensor(hard, "hard", like=("soft", soft))
+    if hard.is_complex():
+        raise TypeError(f"hard must be a bool or real tensor of 0/1, got {hard.dtype}")
     if soft.shape != hard.shape:
         raise ValueError(f"soft and hard must have the same shape, got {tuple(soft.shape)} and {tuple(hard.shape)}")
-    if not soft.is_floating_point():
-        raise TypeError(f"soft must be a floating-point tensor, got {soft.dtype}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     eps = torch.finfo(torch.float32).eps
     m = soft.float().clamp(eps, 1 - eps)
     h = hard.to(torch.float32)
     loss = -(h * torch.log(m) + (1 - h) * torch.log1p(-m))
-    if reduction == "mean":
-        return loss.mean()
-    return loss.sum() if reduction == "sum" else loss
+    if reduction == "none":
+        return loss
+    return loss.mean() if reduction == "mean" and loss.numel() else loss.sum()
 
 
 class DiffTopK(nn.Module):
@@ -140,8 +144,8 @@ class DiffTopK(nn.Module):
         """k for each segment of ``scores``: the fixed k, or ``budget_to_k`` of each length."""
         if self.k is not None:
             return self.k
+        cu_seqlens = validation.check_scores(scores, cu_seqlens)
         if cu_seqlens is None:
-            validation.check_scores(scores, None)
             return budget_to_k(scores.shape[1], self.budget)
         return budget_to_k(cu_seqlens[1:] - cu_seqlens[:-1], self.budget)
 

@@ -29,26 +29,17 @@ from vsops.reference import segment_ids
 
 __all__ = ["lis_score"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_tensor(t, name: str, x: torch.Tensor, dim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+def _check_like_x(t, name: str, x: torch.Tensor, dim: int) -> None:
+    validation.check_tensor(t, name, like=("x", x))
     if t.dtype != x.dtype:
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
 
 
-def _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens) -> None:
-    """Shape, dtype and device checks (no data read)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+def _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens) -> torch.Tensor | None:
+    """Shape, dtype and device checks (no data read); returns cu_seqlens contiguous."""
+    validation.check_float(x, "x")
     if cu_seqlens is None:
         if x.dim() != 3:
             raise ValueError(f"x must be [B, N, D] (or [total, D] with cu_seqlens), got shape {tuple(x.shape)}")
@@ -57,18 +48,9 @@ def _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens) -> None:
     else:
         if x.dim() != 2:
             raise ValueError(f"with cu_seqlens, x must be packed [total, D], got shape {tuple(x.shape)}")
-        if not isinstance(cu_seqlens, torch.Tensor):
-            raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-        if cu_seqlens.dtype != torch.int32:
-            raise TypeError(f"cu_seqlens must be int32 (FlashAttention's convention), got {cu_seqlens.dtype}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
-        if not cu_seqlens.is_contiguous():
-            raise ValueError("cu_seqlens must be contiguous")
-        if cu_seqlens.device != x.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
-    _check_tensor(q_weight, "q_weight", x, 2)
-    _check_tensor(k_weight, "k_weight", x, 2)
+        cu_seqlens = validation.check_cu_seqlens(cu_seqlens, like=("x", x))
+    _check_like_x(q_weight, "q_weight", x, 2)
+    _check_like_x(k_weight, "k_weight", x, 2)
     hidden = x.shape[-1]
     if q_weight.shape[1] != hidden or k_weight.shape[1] != hidden:
         raise ValueError(
@@ -81,9 +63,10 @@ def _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens) -> None:
         )
     for bias, name in ((q_bias, "q_bias"), (k_bias, "k_bias")):
         if bias is not None:
-            _check_tensor(bias, name, x, 1)
+            _check_like_x(bias, name, x, 1)
             if bias.shape[0] != q_weight.shape[0]:
                 raise ValueError(f"{name} must be [d] = [{q_weight.shape[0]}], got shape {tuple(bias.shape)}")
+    return cu_seqlens
 
 
 def _check_cu_seqlens_data(x: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -158,12 +141,6 @@ def _segment_totals(values: torch.Tensor, x: torch.Tensor, cu_seqlens, num_segme
     return totals.index_add_(0, segment_ids(x, cu_seqlens), values)
 
 
-def _segment_lengths(x: torch.Tensor, cu_seqlens, dtype: torch.dtype) -> torch.Tensor:
-    if cu_seqlens is None:
-        return torch.full((x.shape[0],), x.shape[1], dtype=dtype, device=x.device)
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).to(dtype)
-
-
 def _own_precision(tensor: torch.Tensor):
     """Autocast off: the passes pick their own accumulation dtype, and an autocast matmul
     would hand the kernels a low-precision ``u`` (autocast regions of mixed-precision
@@ -221,7 +198,7 @@ class _LisScore(torch.autograd.Function):
         if needs_kb and ctx.has_k_bias:
             grad_kb = r.sum(0).to(k_weight.dtype)
         if needs_x:
-            w = _times_weight(r, k_weight, False, ctx.backend) / _segment_lengths(x, cu_seqlens, r.dtype).unsqueeze(1)
+            w = _times_weight(r, k_weight, False, ctx.backend) / validation.segment_lengths(x, cu_seqlens).to(r.dtype).unsqueeze(1)
             grad_x = _ops.input_grad(g, u, w, cu_seqlens, x.dtype, backend=ctx.backend)
         return grad_x, grad_qw, grad_qb, grad_kw, grad_kb, None, None
 
@@ -251,13 +228,13 @@ def lis_score(
         ``x``, the weights and the biases; see the module docstring for the cost.
 
     Errors: TypeError or ValueError naming the argument for a wrong dtype, device or shape,
-    mismatched D or d, a non-contiguous or malformed ``cu_seqlens`` and empty segments. The
-    ``cu_seqlens`` data checks cost one host sync on GPU tensors (none under torch.compile).
+    mismatched D or d, a malformed ``cu_seqlens`` and empty segments. The ``cu_seqlens`` data
+    checks cost one host sync on GPU tensors (none under torch.compile).
     """
-    _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens)
+    cu_seqlens = _check_arguments(x, q_weight, q_bias, k_weight, k_bias, cu_seqlens)
     if cu_seqlens is not None:
         _check_cu_seqlens_data(x, cu_seqlens)
-    backend = backends.select(x.device, x.dtype)
+    backend = backends.select(x.device, x.dtype, "x")
     return _LisScore.apply(
         x.contiguous(),
         q_weight.contiguous(),

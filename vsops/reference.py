@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from vsops.ops.validation import num_segments
+
 __all__ = [
     "TILE_ELEMENTS",
     "attention_received",
@@ -258,10 +260,6 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _num_segments(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
 def lis_segment_sum(x: torch.Tensor, token_weight: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
     """``out[s] = sum_i w_i x_i`` over the tokens of segment s: ``[S, D]``.
 
@@ -269,7 +267,7 @@ def lis_segment_sum(x: torch.Tensor, token_weight: torch.Tensor | None, cu_seqle
     segment), else ``token_weight`` has the per-token shape.
     """
     seg = segment_ids(x, cu_seqlens)
-    s = _num_segments(x, cu_seqlens)
+    s = num_segments(x, cu_seqlens)
     xt = _tokens(x).double()
     if token_weight is None:
         counts = torch.zeros(s, dtype=torch.float64, device=x.device).index_add_(

@@ -23,6 +23,7 @@ import torch
 from vsops import backends
 from vsops.budget import budget_to_k, check_budget
 from vsops.ops import difftopk as _topk_ops
+from vsops.ops import validation
 from vsops.ops import varlen as _ops
 
 __all__ = [
@@ -39,17 +40,15 @@ __all__ = [
 SCOPES = ("sample", "image")
 
 
-def _check_batch_mask(mask, name: str, shape=None, device=None) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+def _check_batch_mask(mask, name: str, like: tuple[str, torch.Tensor] | None = None) -> None:
+    """A bool ``[B, L]`` mask, of the shape and device of ``like`` when given."""
+    validation.check_tensor(mask, name, like=like)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
     if mask.dim() != 2:
         raise ValueError(f"{name} must be [B, L], got shape {tuple(mask.shape)}")
-    if shape is not None and mask.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    if device is not None and mask.device != device:
-        raise ValueError(f"{name} is on {mask.device}, expected {device}")
+    if like is not None and mask.shape != like[1].shape:
+        raise ValueError(f"{name} must have shape {tuple(like[1].shape)}, got {tuple(mask.shape)}")
 
 
 def _ranking_key(scores: torch.Tensor) -> torch.Tensor:
@@ -85,11 +84,10 @@ def select_visual_tokens(
         ``image_index`` against ``visual_mask`` with ``scope="image"``.
     """
     budget = check_budget(budget)
-    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-        raise TypeError(f"scores must be a floating-point tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
+    validation.check_float(scores, "scores")
     if scores.dim() != 2:
         raise ValueError(f"scores must be [B, L], got shape {tuple(scores.shape)}")
-    _check_batch_mask(visual_mask, "visual_mask", scores.shape, scores.device)
+    _check_batch_mask(visual_mask, "visual_mask", like=("scores", scores))
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "sample":
@@ -97,7 +95,7 @@ def select_visual_tokens(
             raise ValueError('image_index is only used with scope="image"')
         k = budget_to_k(visual_mask.sum(1), budget)
         key = torch.where(visual_mask, _ranking_key(scores), torch.full_like(scores, float("nan")))
-        backend = backends.select(scores.device, scores.dtype)
+        backend = backends.select(scores.device, scores.dtype, "scores")
         # k <= the visual count <= L by construction, so the op's data checks are not needed.
         return _topk_ops.topk_mask(key.contiguous(), k, None, backend=backend) | ~visual_mask
     return _select_per_image(scores, visual_mask, budget, image_index)
@@ -105,14 +103,13 @@ def select_visual_tokens(
 
 def _select_per_image(scores, visual_mask, budget, image_index) -> torch.Tensor:
     """Top-k per (sample, image) group by two stable sorts: by score, then by group."""
-    if not isinstance(image_index, torch.Tensor):
+    if image_index is None:
         raise TypeError('scope="image" needs image_index, an integer tensor [B, L]')
-    if image_index.is_floating_point() or image_index.dtype == torch.bool or image_index.is_complex():
+    validation.check_tensor(image_index, "image_index", like=("scores", scores))
+    if not validation.is_integer(image_index):
         raise TypeError(f"image_index must be an integer tensor, got {image_index.dtype}")
     if image_index.shape != visual_mask.shape:
         raise ValueError(f"image_index must have shape {tuple(visual_mask.shape)}, got {tuple(image_index.shape)}")
-    if image_index.device != visual_mask.device:
-        raise ValueError(f"image_index is on {image_index.device} but scores is on {scores.device}")
     b, length = visual_mask.shape
     image_index = image_index.long()
     if not torch.compiler.is_compiling():
@@ -216,10 +213,7 @@ def _layouts(keep: torch.Tensor, tensors) -> list[bool]:
     bl = tuple(keep.shape)
     leading = []
     for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != keep.device:
-            raise ValueError(f"tensors[{i}] is on {t.device} but keep is on {keep.device}")
+        validation.check_tensor(t, f"tensors[{i}]", like=("keep", keep))
         if tuple(t.shape[:2]) == bl:
             leading.append(True)
         elif t.dim() >= 2 and tuple(t.shape[-2:]) == bl:
@@ -253,9 +247,11 @@ def _host_counts(keep: torch.Tensor, counts) -> list[int]:
         return keep.sum(1).tolist()  # the one host sync
     if isinstance(counts, torch.Tensor):
         if counts.device.type != "cpu":
-            raise ValueError("counts must be on the host (a list or a CPU tensor): reading it would sync")
+            raise ValueError(f"counts must be on the host (a list or a CPU tensor), got a tensor on {counts.device}")
         counts = counts.tolist()
-    counts = [int(c) for c in counts]
+    elif isinstance(counts, (str, bytes)) or not hasattr(counts, "__iter__"):
+        raise TypeError(f"counts must be a sequence of ints (or a CPU tensor), got {type(counts).__name__}")
+    counts = [validation.check_int(c, f"counts[{i}]") for i, c in enumerate(counts)]
     if len(counts) != b:
         raise ValueError(f"counts must have one entry per sample (B = {b}), got {len(counts)}")
     if any(c < 0 or c > length for c in counts):
@@ -276,7 +272,7 @@ def _pack(keep, tensors, counts):
     b, length = keep.shape
     tokens = b * length
     total = sum(counts)
-    backend = backends.select(keep.device, torch.float32)
+    backend = backends.select(keep.device, torch.float32, "keep")
     rows = [_as_rows(t, lead, tokens) for t, lead in zip(tensors, leading)]
     indices, packed = _ops.pack(keep.contiguous(), total, rows, backend=backend)
     return leading, counts, indices, packed
@@ -347,11 +343,15 @@ def select_and_pad(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if isinstance(pad_values, (int, float)) and not isinstance(pad_values, bool):
         pad_values = [pad_values] * len(tensors)
-    else:
+    elif isinstance(pad_values, Sequence) and not isinstance(pad_values, str):
         pad_values = list(pad_values)
         if len(pad_values) != len(tensors):
             raise ValueError(f"pad_values must be one number or one per tensor ({len(tensors)}), got {len(pad_values)}")
+    else:
+        raise TypeError(f"pad_values must be a number or a sequence of numbers (one per tensor), got {type(pad_values).__name__}")
     leading, counts, indices, packed = _pack(keep, tensors, counts)
+    for i, (fill, t) in enumerate(zip(pad_values, tensors)):
+        validation.check_fill(fill, "pad_values" if len(tensors) == 1 else f"pad_values[{i}]", t.dtype)
     b = keep.shape[0]
     width = max(counts, default=0)
     device = keep.device
@@ -364,7 +364,7 @@ def select_and_pad(
     slots = sample * width + starts[sample] + torch.arange(int(lengths.sum())) - first[sample]
     if device.type != "cpu":
         slots = slots.pin_memory().to(device, non_blocking=True)
-    backend = backends.select(device, torch.float32)
+    backend = backends.select(device, torch.float32, "keep")
     padded = tuple(
         _from_rows(_ops.unpack(p, slots, b * width, fill, backend=backend), t, lead, 0, (b, width))
         for p, t, lead, fill in zip(packed, tensors, leading, pad_values)
@@ -382,18 +382,30 @@ def select_and_pad(
 def unpack(packed: torch.Tensor, indices: torch.Tensor, batch: int, length: int, fill: float = 0) -> torch.Tensor:
     """The inverse of the pack: ``packed [total, ...]`` to ``[batch, length, ...]`` with packed
     row j at flat position ``indices[j]`` and ``fill`` elsewhere; each output row is written
-    once (no zero fill then scatter). Differentiable (its backward is a gather)."""
-    if not isinstance(packed, torch.Tensor) or not isinstance(indices, torch.Tensor):
-        raise TypeError("packed and indices must be tensors")
+    once (no zero fill then scatter). Differentiable (its backward is a gather).
+
+    Args:
+        packed: ``[total, ...]``, any dtype.
+        indices: int64 ``[total]``, distinct flat positions in ``[0, batch * length)`` (as
+            :class:`PackedBatch` holds them). Checked on CPU tensors; trusted on GPU tensors,
+            where reading them would sync.
+        batch, length: ints >= 0, the shape of the output's first two dims.
+        fill: a number that ``packed``'s dtype holds exactly (an integer for integer and bool
+            tensors).
+    """
+    validation.check_tensor(packed, "packed")
+    validation.check_tensor(indices, "indices", like=("packed", packed))
     if indices.dtype != torch.long or indices.dim() != 1:
         raise TypeError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
     if packed.dim() < 1 or packed.shape[0] != indices.shape[0]:
         raise ValueError(f"packed must be [total, ...] with total = {indices.shape[0]}, got {tuple(packed.shape)}")
-    if indices.device != packed.device:
-        raise ValueError(f"indices is on {indices.device} but packed is on {packed.device}")
-    if batch < 0 or length < 0:
-        raise ValueError(f"batch and length must be >= 0, got {batch} and {length}")
-    backend = backends.select(packed.device, torch.float32)
+    rows_out = validation.check_int(batch, "batch") * validation.check_int(length, "length")
+    if indices.shape[0] > rows_out:
+        raise ValueError(f"packed has {indices.shape[0]} rows, more than batch * length = {rows_out}")
+    validation.check_fill(fill, "fill", packed.dtype)
+    backend = backends.select(packed.device, torch.float32, "packed")
+    if backend != "cpu" and packed.device.type == "cpu":  # the compiled CPU kernel checks them itself
+        validation.check_unpack_indices(indices, rows_out)
     rows = packed.reshape(packed.shape[0], math.prod(packed.shape[1:])).contiguous()
-    out = _ops.unpack(rows, indices.contiguous(), batch * length, fill, backend=backend)
+    out = _ops.unpack(rows, indices.contiguous(), rows_out, fill, backend=backend)
     return out.reshape(batch, length, *packed.shape[1:])

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from vsops.difftopk import topk_mask
-from vsops.ops.validation import check_offsets
+from vsops.ops import validation
 
 __all__ = [
     "VISUAL_TOKENS",
@@ -112,25 +112,25 @@ def segments_of(x: torch.Tensor, k, cu_seqlens: torch.Tensor | None) -> tuple[to
     """``(k int64 [S], cu_seqlens int32 [S + 1])`` on ``x``'s device for the plain functions:
     ``x [N, D]`` is one segment without ``cu_seqlens``; ``k`` is an int (every segment) or one
     per segment (a sequence or an integer tensor), each in ``[0, n_s]``."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
-        raise TypeError(f"x must be a floating-point tensor [N, D], got {getattr(x, 'dtype', type(x).__name__)} "
-                        f"of shape {tuple(getattr(x, 'shape', ()))}")
+    validation.check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
-    check_offsets(cu_seqlens, x.shape[0], total_name="N")
+    cu_seqlens = validation.check_offsets(cu_seqlens, x.shape[0], like=("x", x), total_name="N")
     lengths = cu_seqlens.diff().cpu()
     if isinstance(k, bool) or not isinstance(k, (int, Sequence, torch.Tensor)):
         raise TypeError(f"k must be an int or one int per segment, got {type(k).__name__}")
     if isinstance(k, int):
         k = torch.full((lengths.numel(),), k, dtype=torch.long)
     elif isinstance(k, torch.Tensor):
-        if k.is_floating_point() or k.dtype == torch.bool or k.dim() != 1:
+        validation.check_tensor(k, "k")
+        if not validation.is_integer(k) or k.dim() != 1:
             raise TypeError(f"k must be a 1-D integer tensor, got {k.dtype} of shape {tuple(k.shape)}")
         k = k.cpu().long()
     else:
-        k = torch.tensor([int(v) for v in k], dtype=torch.long)
+        k = torch.tensor([validation.check_int(v, f"k[{i}]") for i, v in enumerate(k)], dtype=torch.long)
     if k.numel() != lengths.numel():
         raise ValueError(f"k must have one entry per segment ({lengths.numel()}), got {k.numel()}")
-    if bool(((k < 0) | (k > lengths)).any()):
-        raise ValueError(f"k must be in [0, n] per segment: k = {k.tolist()}, n = {lengths.tolist()}")
+    validation.raise_failed(validation.k_bounds_checks(k, lengths))
     return k.to(x.device), cu_seqlens

@@ -9,6 +9,7 @@ import torch
 from vsops.difftopk import topk_mask
 from vsops.methods.base import VISION_ATTENTION, VISUAL_TOKENS, Selected, SelectionMethod, VisionAttention, segments_of
 from vsops.methods.registry import register_method
+from vsops.ops import validation
 from vsops.reference import TILE_ELEMENTS
 
 __all__ = ["VisionZipMethod", "visionzip", "contextual_counts"]
@@ -134,10 +135,9 @@ def visionzip(
     the contextual tokens, the tokens' own elsewhere)."""
     k, cu_seqlens = segments_of(x, k, cu_seqlens)
     for name, t, dims in (("received", received, 1), ("keys", keys, 2)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims or t.shape[0] != x.shape[0]:
+        validation.check_float(t, name, like=("x", x))
+        if t.dim() != dims or t.shape[0] != x.shape[0]:
             raise TypeError(f"{name} must be a float tensor with {x.shape[0]} rows and {dims} dims, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+                            f"shape {tuple(t.shape)}")
     method = VisionZipMethod(contextual_ratio)
     return method.select(x, k, cu_seqlens, vision=VisionAttention(received, keys))

@@ -19,7 +19,7 @@ import torch
 
 from vsops import backends, reference
 from vsops.ops.registry import Operator
-from vsops.ops.validation import check_offsets
+from vsops.ops import validation
 
 __all__ = ["attention_received", "check_arguments"]
 
@@ -43,29 +43,30 @@ received = Operator(
 
 
 
-def check_arguments(q, k, cu_seqlens_q, cu_seqlens_k, scale) -> None:
+def check_arguments(q, k, cu_seqlens_q, cu_seqlens_k, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """What the compiled kernels check (``check_attention_received_inputs``), for the Python
-    backends, with the argument named."""
+    backends, with the argument named; returns the offsets contiguous."""
+    validation.check_float(q, "q")
+    validation.check_float(k, "k", like=("q", q))
     for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor [T, H, d], got {getattr(t, 'dtype', type(t).__name__)}")
         if t.dim() != 3:
             raise ValueError(f"{name} must be [T, H, d], got shape {tuple(t.shape)}")
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must have one dtype, got {q.dtype} and {k.dtype}")
     if q.shape[1:] != k.shape[1:]:
         raise ValueError(f"q and k must have the same heads and head size, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.device != k.device:
-        raise ValueError(f"q is on {q.device} but k on {k.device}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
-    check_offsets(cu_seqlens_q, q.shape[0], name="cu_seqlens_q", device=q.device, total_name="the queries")
-    check_offsets(cu_seqlens_k, k.shape[0], name="cu_seqlens_k", device=q.device, total_name="the keys")
+    cu_seqlens_q = validation.check_offsets(cu_seqlens_q, q.shape[0], like=("q", q), name="cu_seqlens_q",
+                                            total_name="the queries")
+    cu_seqlens_k = validation.check_offsets(cu_seqlens_k, k.shape[0], like=("q", q), name="cu_seqlens_k",
+                                            total_name="the keys")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have one entry per segment each, got {cu_seqlens_q.numel()} "
             f"and {cu_seqlens_k.numel()}"
         )
+    return cu_seqlens_q, cu_seqlens_k
 
 
 def attention_received(
@@ -109,6 +110,6 @@ def attention_received(
         raise ValueError("give cu_seqlens_k with cu_seqlens_q (or cu_seqlens_k alone for self-attention)")
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 3:
         scale = q.shape[-1] ** -0.5
-    check_arguments(q, k, cu_seqlens_q, cu_seqlens_k, scale)
-    backend = backends.select_implemented(q.device, q.dtype, received.implemented())
+    cu_seqlens_q, cu_seqlens_k = check_arguments(q, k, cu_seqlens_q, cu_seqlens_k, scale)
+    backend = backends.select_implemented(q.device, q.dtype, received.implemented(), "q")
     return received(q.contiguous(), k.contiguous(), cu_seqlens_q, cu_seqlens_k, float(scale), backend=backend)

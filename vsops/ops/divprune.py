@@ -13,7 +13,7 @@ import torch
 
 from vsops import backends, reference
 from vsops.ops.registry import Operator
-from vsops.ops.validation import check_offsets
+from vsops.ops import validation
 
 
 def _triton_divprune():
@@ -35,25 +35,28 @@ keep = Operator(
 
 
 
-def check_arguments(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    """What the compiled kernels check (``check_divprune_inputs``), for the Python backends."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
-        raise TypeError(f"x must be a floating-point tensor [total, D], got {getattr(x, 'dtype', type(x).__name__)}")
-    if not isinstance(k, torch.Tensor) or k.dtype != torch.long or k.dim() != 1:
-        raise TypeError("k must be an int64 tensor [S]")
-    if k.device != x.device:
-        raise ValueError(f"k must be on the device of x ({x.device})")
-    check_offsets(cu_seqlens, x.shape[0], device=x.device)
+def check_arguments(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """What the compiled kernels check (``check_divprune_inputs``), for the Python backends;
+    returns cu_seqlens contiguous."""
+    validation.check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [total, D], got shape {tuple(x.shape)}")
+    validation.check_tensor(k, "k", like=("x", x))
+    if k.dtype != torch.long or k.dim() != 1:
+        raise TypeError(f"k must be an int64 tensor [S], got {k.dtype} of shape {tuple(k.shape)}")
+    cu_seqlens = validation.check_cu_seqlens(cu_seqlens, like=("x", x))
     if k.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"k must have one entry per segment ({cu_seqlens.numel() - 1}), got {k.numel()}")
-    lengths = cu_seqlens.diff()
-    if bool(((k < 0) | (k > lengths)).any()):
-        raise ValueError("k must be in [0, n] for every segment")
+    validation.raise_failed(
+        validation.cu_seqlens_checks(cu_seqlens, x.shape[0], "the number of tokens")
+        + validation.k_bounds_checks(k, cu_seqlens.diff())
+    )
+    return cu_seqlens
 
 
 def divprune_keep(x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The op on the backend chosen for ``x`` among those that implement it; the arguments are
     checked first (the compiled kernels check them too, the Python ones rely on this)."""
-    check_arguments(x, k, cu_seqlens)
-    backend = backends.select_implemented(x.device, x.dtype, keep.implemented())
-    return keep(x.contiguous(), k, cu_seqlens, backend=backend)
+    cu_seqlens = check_arguments(x, k, cu_seqlens)
+    backend = backends.select_implemented(x.device, x.dtype, keep.implemented(), "x")
+    return keep(x.contiguous(), k.contiguous(), cu_seqlens, backend=backend)

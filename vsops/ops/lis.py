@@ -31,6 +31,7 @@ them are shared by every backend (``vsops.lis``). These ops have no autograd of 
 from __future__ import annotations
 
 from vsops import reference
+from vsops.ops import validation
 from vsops.ops.registry import Operator
 
 
@@ -40,12 +41,8 @@ def _triton_lis():
     return lis
 
 
-def _num_segments(x, cu_seqlens) -> int:
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
 def _segment_sum_fake(x, token_weight, cu_seqlens):
-    return x.new_empty((_num_segments(x, cu_seqlens), x.shape[-1]), dtype=reference.state_dtype_for(x.dtype))
+    return x.new_empty((validation.num_segments(x, cu_seqlens), x.shape[-1]), dtype=reference.state_dtype_for(x.dtype))
 
 
 def _segment_dot_fake(x, u, c, cu_seqlens):

@@ -9,13 +9,18 @@ through the same autograd formula.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
 from vsops import backends
+from vsops.ops import validation
 
 LIBRARY = torch.library.Library("vsops", "FRAGMENT")
+
+# Every Operator, in the order of registration (the schema-agreement test walks them).
+OPERATORS: list["Operator"] = []
 
 
 def _op_name(name: str, backend: str) -> str:
@@ -27,13 +32,34 @@ class Operator:
 
     def __init__(self, name: str, schema: str, fake: Callable, python_backends: dict[str, Callable]):
         self.name = name
+        self.schema = schema
+        self.argument_names = [a.name for a in torch._C.parse_schema(f"vsops::{name}{schema}").arguments]
         self._python_backends = dict(python_backends)
         for backend, impl in self._python_backends.items():
             op_name = _op_name(name, backend)
             LIBRARY.define(op_name + schema)
-            LIBRARY.impl(op_name, impl, "CompositeExplicitAutograd")
+            LIBRARY.impl(op_name, self._checked(op_name, impl, backend), "CompositeExplicitAutograd")
         for op_name in self.op_names():
-            torch.library.register_fake(f"vsops::{op_name}", fake, lib=LIBRARY)
+            torch.library.register_fake(f"vsops::{op_name}", self._checked(op_name, fake), lib=LIBRARY)
+        OPERATORS.append(self)
+
+    def _checked(self, op_name: str, fn: Callable, backend: str | None = None) -> Callable:
+        """``fn`` behind the device check of its tensor arguments; a Triton backend also
+        refuses tensors it cannot run (CPU ones without the interpreter)."""
+        qualified = f"vsops::{op_name}"
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            values = [*args, *(kwargs.get(n) for n in self.argument_names[len(args):])]
+            device = validation.check_op_devices(qualified, self.argument_names, values)
+            if backend == "triton" and device is not None and not backends.triton_runs_on(device):
+                raise ValueError(
+                    f"{qualified}: {self.argument_names[0]} is on {device}; Triton kernels run CUDA "
+                    "tensors (CPU tensors only under TRITON_INTERPRET=1)"
+                )
+            return fn(*args, **kwargs)
+
+        return checked
 
     def qualified_name(self, backend: str) -> str:
         return f"vsops::{_op_name(self.name, backend)}"

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vsops.backends import TRITON_DTYPES
+
 # Longest row kept in registers (one program per segment), at 8 elements a thread: ptxas
 # (sm_90) then needs 42 to 59 registers a thread for the three kernels, where 16 elements a
 # thread spill in the forward; so 8192 over 32 warps is the most that fits. When a segment is
@@ -15,7 +17,7 @@ BLOCK_CAP = 8192
 STREAM_BLOCK = 4096
 ELEMENTS_PER_THREAD = 8
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = TRITON_DTYPES
 
 
 def check_dtype(dtype: torch.dtype, op: str, what: str = "scores") -> None:
