@@ -199,3 +199,44 @@ def test_difftopk_sums_to_k_is_monotone_and_shift_invariant(backend, case, shift
     assert bool((gap[higher] >= -1e-6).all())
     # Each is within 1e-5 of the float64 answer, which a shift leaves unchanged.
     torch.testing.assert_close(shifted, mask, atol=2e-5, rtol=0)
+
+
+# Largest power of ten that scores of each dtype may reach (so that center + spread stays finite).
+MAX_EXPONENT = {torch.float16: 4, torch.bfloat16: 36, torch.float32: 36, torch.float64: 300}
+
+
+@st.composite
+def scores_at_any_scale(draw):
+    """Scores of any float dtype: a spread of 1e-3 to 1e6 around a center of up to the dtype's
+    range, with ties sometimes; the row's first score as an exactly representable pivot."""
+    dtype = draw(st.sampled_from(list(MAX_EXPONENT)))
+    top = MAX_EXPONENT[dtype]
+    rows, n = draw(st.integers(1, 3)), draw(st.integers(1, 40))
+    spread = 10.0 ** draw(st.integers(-3, min(6, top)))
+    center = draw(st.sampled_from([-1.0, 0.0, 1.0])) * 10.0 ** draw(st.integers(0, top))
+    g = _generator(draw(st.integers(0, 2**16)))
+    scores = (torch.rand(rows, n, generator=g, dtype=torch.float64) * 2 - 1) * spread + center
+    if draw(st.booleans()):  # ties
+        scores = scores[:, torch.randint(0, n, (n,), generator=g)]
+    k = torch.tensor([draw(st.integers(0, n)) for _ in range(rows)], dtype=torch.long)
+    return scores.to(dtype), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=scores_at_any_scale())
+def test_difftopk_at_any_finite_scale_and_dtype(backend, case):
+    """The mask of scores s equals, within the dtype's accuracy, the float64 mask of s - p for
+    a score p of the row (Appendix A.9's shift invariance, where s - p is small): at 1e30 as
+    at 1; it sums to k and is monotone."""
+    scores, k = case
+    with forced(backend):
+        mask = vsops.difftopk(scores, k).double()
+    wide = scores.double()
+    oracle, _ = vsops.reference.difftopk_forward(wide - wide[:, :1], k, None)
+    exact = scores.dtype in (torch.float32, torch.float64)
+    torch.testing.assert_close(mask, oracle, atol=1e-5 if exact else 8e-3, rtol=0)
+    if exact:
+        assert bool(((mask.sum(1) - k).abs() <= max(1e-3, 1e-5 * scores.shape[1])).all())
+    higher = wide.unsqueeze(2) > wide.unsqueeze(1)
+    gap = mask.unsqueeze(2) - mask.unsqueeze(1)
+    assert bool((gap[higher] >= -1e-6).all())
