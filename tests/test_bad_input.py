@@ -377,7 +377,7 @@ def _raw_samples() -> dict[str, tuple]:
     cu = _cu(0, 2, 5)
     return {
         "difftopk_forward": (_rand(5), torch.tensor([1, 2]), cu),
-        "difftopk_backward": (_rand(2, 5), _rand(2, 5, seed=1), torch.zeros(2, 3), None),
+        "difftopk_backward": (_rand(2, 5), _rand(2, 5, seed=1), torch.zeros(2, vsops.reference.ROW_STATE_WIDTH), None),
         "topk_mask": (_rand(2, 5), torch.tensor([1, 2]), None),
         "lis_segment_sum": (_rand(5, 4), _rand(5, seed=1), cu),
         "lis_segment_dot": (_rand(5, 4), _rand(2, 4, seed=1), _rand(2, seed=2), cu),

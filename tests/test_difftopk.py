@@ -446,3 +446,20 @@ def test_difftopk_module_modes():
         DiffTopK(0.2, k=3)
     with pytest.raises(ValueError, match="budget"):
         DiffTopK(1.2)
+
+
+@pytest.mark.parametrize("op_backend", ["cpu", "reference", "triton"])
+def test_backward_takes_only_the_forwards_row_state(op_backend):
+    """Every backend of the raw backward refuses a row_state of another width or dtype."""
+    from vsops.ops import difftopk as ops
+
+    if op_backend not in ops.backward.backends():
+        pytest.skip(f"no {op_backend} op here")
+    scores = torch.randn(2, 5)
+    backward = ops.backward.op(op_backend)
+    _, state = ops.forward(scores, torch.tensor([1, 2]), None, backend="reference")
+    assert state.shape == (2, reference.ROW_STATE_WIDTH)
+    with pytest.raises(ValueError, match="row_state"):
+        backward(torch.ones_like(scores), scores, state[:, :3].contiguous(), None)
+    with pytest.raises(TypeError, match="row_state"):
+        backward(torch.ones_like(scores), scores, state.double(), None)

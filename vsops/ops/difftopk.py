@@ -38,7 +38,27 @@ def _forward_fake(scores, k, cu_seqlens):
     return torch.empty_like(scores), state
 
 
+def _check_row_state(scores, row_state, cu_seqlens) -> None:
+    """The backward takes the forward's row_state, as the compiled op checks too."""
+    if row_state.dtype != reference.state_dtype_for(scores.dtype):
+        raise TypeError(f"row_state must be {reference.state_dtype_for(scores.dtype)} for {scores.dtype} scores, "
+                        f"got {row_state.dtype}")
+    expected = (validation.num_segments(scores, cu_seqlens), reference.ROW_STATE_WIDTH)
+    if tuple(row_state.shape) != expected:
+        raise ValueError(f"row_state must be the forward's [S, {reference.ROW_STATE_WIDTH}] = {list(expected)}, "
+                         f"got {list(row_state.shape)}")
+
+
+def _row_state_checked(backward):
+    def checked(grad, scores, row_state, cu_seqlens):
+        _check_row_state(scores, row_state, cu_seqlens)
+        return backward(grad, scores, row_state, cu_seqlens)
+
+    return checked
+
+
 def _backward_fake(grad, scores, row_state, cu_seqlens):
+    _check_row_state(scores, row_state, cu_seqlens)
     return torch.empty_like(scores)
 
 
@@ -61,8 +81,8 @@ backward = Operator(
     "(Tensor grad, Tensor scores, Tensor row_state, Tensor? cu_seqlens) -> Tensor",
     _backward_fake,
     {
-        "reference": reference.difftopk_backward,
-        "triton": lambda *a: _triton_difftopk().difftopk_backward(*a),
+        "reference": _row_state_checked(reference.difftopk_backward),
+        "triton": _row_state_checked(lambda *a: _triton_difftopk().difftopk_backward(*a)),
     },
 )
 
