@@ -148,3 +148,15 @@ def test_the_python_backends_get_the_same_checks(args, error, match, monkeypatch
     monkeypatch.setenv("VSOPS_BACKEND", "reference")  # else the compiled op's own checks answer
     with pytest.raises(error, match=match):
         ops.attention_received(*args[:4], scale=args[4])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_stays_in_its_segment(backend, where):
+    """A NaN in one segment's queries or keys makes that segment's keys NaN, no other's."""
+    q, k, cq, ck = qk([4, 3], [5, 6])
+    (q if where == "q" else k)[1, 0, 0] = float("nan")
+    device = device_for(backend)
+    got = ops.received.op(backend)(q.to(device), k.to(device), cq.to(device), ck.to(device), 0.25).cpu()
+    assert got[:5].isnan().all() and got[5:].isfinite().all()
+    torch.testing.assert_close(got[5:], materialized(q, k, cq, ck, 0.25)[5:].float(), rtol=0, atol=2e-6)
