@@ -9,6 +9,9 @@ Environment switches (in the manner of flash-attn):
                             takes the widest one the build machine has (like -march=native, the
                             build then needs that instruction set where it runs); set avx2 to
                             build for other x86 machines, none for portable scalar code.
+  VSOPS_SANITIZE=1          build the CPU kernels with AddressSanitizer and UndefinedBehaviorSanitizer
+                            (-O1, every report fatal), for .ci/sanitize.sh; CUDA is not built. The
+                            module then loads only with libasan preloaded (see that script).
   MAX_JOBS                  parallel compile jobs (read by torch's ninja build).
 """
 import glob
@@ -70,8 +73,19 @@ def _cuda_gencode_flags():
     return flags
 
 
+# -O1 keeps the sanitized build quick to compile and its reports readable; -fno-sanitize-recover
+# makes every UBSan report abort the process (ASan's always do), so no report can pass unseen.
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-O1",
+]
+
+
+def _sanitize():
+    return os.environ.get("VSOPS_SANITIZE", "0") == "1"
+
+
 def _build_cuda():
-    if os.environ.get("VSOPS_SKIP_CUDA_BUILD", "0") == "1":
+    if os.environ.get("VSOPS_SKIP_CUDA_BUILD", "0") == "1" or _sanitize():
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
 
@@ -80,6 +94,10 @@ def _extension():
     include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "python_bindings")]
     sources = _relative("csrc/cpu/*.cpp") + ["python_bindings/ops.cpp", "python_bindings/module.cpp"]
     cxx = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_vec_flags()
+    link = ["-fopenmp"]
+    if _sanitize():
+        cxx += SANITIZE_FLAGS  # the later -O1 wins over -O3
+        link += SANITIZE_FLAGS
     if _build_cuda():
         sources += _relative("csrc/cuda/*.cu") + ["python_bindings/cuda_ops.cpp"]
         return CUDAExtension(
@@ -88,11 +106,11 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("VSOPS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + _cuda_gencode_flags()},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     return CppExtension(
         "vsops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 
