@@ -344,3 +344,21 @@ def test_unpack_after_a_mask_that_drops_everything(backend):
     packed = select_and_pack(keep, torch.randn(2, 6, 3, device=device))
     out = packed.unpack(packed.tensors[0], fill=7.0)
     assert out.shape == (2, 6, 3) and bool((out == 7).all())
+
+
+def test_zero_width_rows_pack_pad_and_unpack(backend):
+    """A tensor of zero-width rows (data pointer null), alone and beside another: the kernels
+    copy nothing for it (.ci/sanitize.sh catches a memcpy given the null pointer)."""
+    _, device = backend
+    keep = torch.tensor([[True, False, True], [False, True, True]], device=device)
+    empty = torch.zeros(2, 3, 0, device=device)
+    embeds = torch.randn(2, 3, 4, device=device)
+    for tensors in [(empty,), (empty, embeds)]:
+        packed = select_and_pack(keep, *tensors)
+        assert packed.tensors[0].shape == (4, 0)
+        assert packed.unpack(packed.tensors[0]).shape == (2, 3, 0)
+    packed = select_and_pack(keep, empty, embeds)
+    assert torch.equal(packed.tensors[1], embeds[keep])
+    padded = select_and_pad(keep, empty, embeds)
+    assert padded.tensors[0].shape == (2, 2, 0) and torch.equal(padded.tensors[1][padded.attention_mask.bool()], embeds[keep])
+
