@@ -362,3 +362,20 @@ def test_zero_width_rows_pack_pad_and_unpack(backend):
     padded = select_and_pad(keep, empty, embeds)
     assert padded.tensors[0].shape == (2, 2, 0) and torch.equal(padded.tensors[1][padded.attention_mask.bool()], embeds[keep])
 
+
+@pytest.mark.parametrize("name", ops.unpack.backends())
+def test_sizes_no_machine_can_hold_are_refused(name):
+    """rows and total past 2^48 bytes of output: a ValueError naming them from every backend,
+    not an allocation failing inside the kernel. Zero-width rows ask for nothing."""
+    packed, indices = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    for rows in (1 << 62, 1 << 46):
+        with pytest.raises(ValueError, match=f"rows = {rows} .*2\\^48 bytes"):
+            ops.unpack.op(name)(packed, indices, rows, 0)
+    assert ops.unpack.op(name)(torch.zeros(1, 0), torch.tensor([5]), 1 << 62, 0).shape == (1 << 62, 0)
+    with pytest.raises(ValueError, match=f"total = {1 << 62}"):
+        ops.pack.op(name)(torch.zeros(4, dtype=torch.bool), 1 << 62, [torch.zeros(4, 4)])
+
+
+def test_public_unpack_refuses_a_batch_no_machine_can_hold():
+    with pytest.raises(ValueError, match=f"rows = {1 << 62}"):
+        unpack(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 1 << 31, 1 << 31)

@@ -7,9 +7,16 @@ are skipped (the kernels clamp k and never read out of bounds), since they would
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 NAN_POLICIES = ("propagate", "raise")
+
+# Outputs past this size are refused before allocating: more memory than any one machine or GPU
+# has, so the size must come from a wrong argument. kMaxAllocationBytes in
+# python_bindings/op_common.h is the same limit, for the compiled kernels.
+MAX_ALLOCATION_BYTES = 1 << 48
 
 
 def check_scores(scores, cu_seqlens) -> None:
@@ -126,3 +133,16 @@ def raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
     for bad, (_, message) in zip(flags.tolist(), checks):
         if bad:
             raise ValueError(message)
+
+
+def check_allocation(shape, dtype: torch.dtype, what: str) -> None:
+    """Raises ValueError naming ``what`` (the argument the size comes from) when a tensor of
+    ``shape`` and ``dtype`` would exceed :data:`MAX_ALLOCATION_BYTES`, rather than letting the
+    allocation fail inside a kernel."""
+    if any(size < 0 for size in shape):
+        raise ValueError(f"{what} gives a negative size, {tuple(shape)}")
+    if math.prod(shape) * dtype.itemsize > MAX_ALLOCATION_BYTES:
+        raise ValueError(
+            f"{what} asks for a tensor of shape {tuple(shape)} and dtype {dtype}: more than 2^48 bytes, "
+            "more memory than any machine has"
+        )
