@@ -3,7 +3,8 @@ is present.
 
 Environment switches (in the manner of flash-attn):
   VSOPS_SKIP_CUDA_BUILD=1   build the CPU kernels only, even where CUDA is available.
-  VSOPS_CUDA_ARCHS="80;90"  compute capabilities to compile for (default: sm_80 and sm_90).
+  VSOPS_CUDA_ARCHS="80;90"  compute capabilities to compile native code for (default: sm_80 and
+                            sm_90); the PTX of the newest is embedded too, so newer GPUs run it.
   VSOPS_CPU_VEC=native|avx2|avx512|none
                             vector instruction set of the CPU kernels. The default, native,
                             takes the widest one the build machine has (like -march=native, the
@@ -66,11 +67,18 @@ def _cpu_vec_flags():
 
 
 def _cuda_gencode_flags():
+    """nvcc's -gencode flags: native code for each listed arch, and the PTX of the newest one,
+    which the driver compiles for GPUs newer than every listed arch (as flash-attn ships).
+    .ci/nvcc_check.sh compiles with these same flags."""
     archs = os.environ.get("VSOPS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    archs = sorted({a.strip() for a in archs if a.strip()}, key=lambda a: int(a) if a.isdigit() else -1)
+    if not archs or not all(a.isdigit() for a in archs):
+        raise ValueError(f"VSOPS_CUDA_ARCHS must list compute capabilities such as '80;90', got {archs}")
     flags = []
-    for arch in filter(None, (a.strip() for a in archs)):
+    for arch in archs:
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    return flags
+    newest = archs[-1]
+    return flags + ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
 
 
 # -O1 keeps the sanitized build quick to compile and its reports readable; -fno-sanitize-recover
@@ -114,11 +122,14 @@ def _extension():
     )
 
 
-setup(
-    # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
-    packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
-    package_dir={"vsops.integrations": "integrations"},
-    package_data={"vsops.training": ["configs/*.json"], "vsops.demo": ["model/*.json", "model/*.safetensors", "model/backbone/*.json", "model/backbone/*.safetensors"]},
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# Only when run as the build script (as pip and `python setup.py` do), so that .ci/nvcc_check.sh
+# can import this file for _cuda_gencode_flags without building anything.
+if __name__ == "__main__":
+    setup(
+        # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
+        packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
+        package_dir={"vsops.integrations": "integrations"},
+        package_data={"vsops.training": ["configs/*.json"], "vsops.demo": ["model/*.json", "model/*.safetensors", "model/backbone/*.json", "model/backbone/*.safetensors"]},
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
