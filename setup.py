@@ -3,12 +3,16 @@ is present.
 
 Environment switches (in the manner of flash-attn):
   VSOPS_SKIP_CUDA_BUILD=1   build the CPU kernels only, even where CUDA is available.
-  VSOPS_CUDA_ARCHS="80;90"  compute capabilities to compile for (default: sm_80 and sm_90).
+  VSOPS_CUDA_ARCHS="80;90"  compute capabilities to compile native code for (default: sm_80 and
+                            sm_90); the PTX of the newest is embedded too, so newer GPUs run it.
   VSOPS_CPU_VEC=native|avx2|avx512|none
                             vector instruction set of the CPU kernels. The default, native,
                             takes the widest one the build machine has (like -march=native, the
                             build then needs that instruction set where it runs); set avx2 to
                             build for other x86 machines, none for portable scalar code.
+  VSOPS_SANITIZE=1          build the CPU kernels with AddressSanitizer and UndefinedBehaviorSanitizer
+                            (-O1, every report fatal), for .ci/sanitize.sh; CUDA is not built. The
+                            module then loads only with libasan preloaded (see that script).
   MAX_JOBS                  parallel compile jobs (read by torch's ninja build).
 """
 import glob
@@ -63,15 +67,33 @@ def _cpu_vec_flags():
 
 
 def _cuda_gencode_flags():
+    """nvcc's -gencode flags: native code for each listed arch, and the PTX of the newest one,
+    which the driver compiles for GPUs newer than every listed arch (as flash-attn ships).
+    .ci/nvcc_check.sh compiles with these same flags."""
     archs = os.environ.get("VSOPS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    archs = sorted({a.strip() for a in archs if a.strip()}, key=lambda a: int(a) if a.isdigit() else -1)
+    if not archs or not all(a.isdigit() for a in archs):
+        raise ValueError(f"VSOPS_CUDA_ARCHS must list compute capabilities such as '80;90', got {archs}")
     flags = []
-    for arch in filter(None, (a.strip() for a in archs)):
+    for arch in archs:
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    return flags
+    newest = archs[-1]
+    return flags + ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+
+
+# -O1 keeps the sanitized build quick to compile and its reports readable; -fno-sanitize-recover
+# makes every UBSan report abort the process (ASan's always do), so no report can pass unseen.
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-O1",
+]
+
+
+def _sanitize():
+    return os.environ.get("VSOPS_SANITIZE", "0") == "1"
 
 
 def _build_cuda():
-    if os.environ.get("VSOPS_SKIP_CUDA_BUILD", "0") == "1":
+    if os.environ.get("VSOPS_SKIP_CUDA_BUILD", "0") == "1" or _sanitize():
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
 
@@ -80,6 +102,10 @@ def _extension():
     include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "python_bindings")]
     sources = _relative("csrc/cpu/*.cpp") + ["python_bindings/ops.cpp", "python_bindings/module.cpp"]
     cxx = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_vec_flags()
+    link = ["-fopenmp"]
+    if _sanitize():
+        cxx += SANITIZE_FLAGS  # the later -O1 wins over -O3
+        link += SANITIZE_FLAGS
     if _build_cuda():
         sources += _relative("csrc/cuda/*.cu") + ["python_bindings/cuda_ops.cpp"]
         return CUDAExtension(
@@ -88,19 +114,22 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("VSOPS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + _cuda_gencode_flags()},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     return CppExtension(
         "vsops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 
-setup(
-    # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
-    packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
-    package_dir={"vsops.integrations": "integrations"},
-    package_data={"vsops.training": ["configs/*.json"], "vsops.demo": ["model/*.json", "model/*.safetensors", "model/backbone/*.json", "model/backbone/*.safetensors"]},
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# Only when run as the build script (as pip and `python setup.py` do), so that .ci/nvcc_check.sh
+# can import this file for _cuda_gencode_flags without building anything.
+if __name__ == "__main__":
+    setup(
+        # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
+        packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
+        package_dir={"vsops.integrations": "integrations"},
+        package_data={"vsops.training": ["configs/*.json"], "vsops.demo": ["model/*.json", "model/*.safetensors", "model/backbone/*.json", "model/backbone/*.safetensors"]},
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Compiles the CUDA sources without a GPU: every csrc/cuda/*.cu with nvcc for sm_80 and sm_90,
-# warnings as errors, then a host-compiler syntax check of the torch glue
-# python_bindings/cuda_ops.cpp against the installed torch headers.
+# Compiles the CUDA sources without a GPU: every csrc/cuda/*.cu with nvcc and the -gencode flags
+# of setup.py (VSOPS_CUDA_ARCHS: native code per arch, and the PTX of the newest), warnings as
+# errors, then a host-compiler syntax check of the glue compiled only in CUDA builds
+# (python_bindings/cuda_ops.cpp, and the CUDA half of python_bindings/module.cpp) against the
+# installed torch and Python headers.
 #
 # Environment: NVCC (default nvcc), CXX (default g++), PYTHON (default python), CUDA_HOME.
 set -euo pipefail
@@ -15,9 +17,18 @@ PYTHON=${PYTHON:-python}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+# The flags of the real build, from setup.py itself (importing it builds nothing).
+gencode_flags=$("$PYTHON" -c "
+import importlib.util
+spec = importlib.util.spec_from_file_location('vsops_setup', 'setup.py')
+setup = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(setup)
+print(' '.join(setup._cuda_gencode_flags()))")
+read -r -a gencode <<<"$gencode_flags"
+echo "nvcc flags: ${gencode[*]}"
+
 for source in csrc/cuda/*.cu; do
-  "$NVCC" -std=c++17 -O3 -Icsrc/include -Icsrc \
-    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+  "$NVCC" -std=c++17 -O3 -Icsrc/include -Icsrc "${gencode[@]}" \
     -Xcompiler -Wall,-Wextra --Werror all-warnings \
     -c "$source" -o "$work/$(basename "$source").o"
   echo "nvcc ok: $source"
@@ -62,3 +73,8 @@ fi
 "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Werror "${system_includes[@]}" \
   -Ipython_bindings -Icsrc/include -Icsrc python_bindings/cuda_ops.cpp
 echo "syntax ok: python_bindings/cuda_ops.cpp"
+
+python_include=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+"$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -DVSOPS_WITH_CUDA -isystem "$python_include" \
+  -isystem "$cuda_include" -Icsrc python_bindings/module.cpp
+echo "syntax ok: python_bindings/module.cpp (VSOPS_WITH_CUDA)"

@@ -167,9 +167,9 @@ at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>&
   const cuda::ScalarKind dtype = scalar_kind(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::LisLayout layout = lis_layout(shape, cu_seqlens);
-  at::Tensor out = at::empty({shape.num_segments, shape.dim}, x.options().dtype(acc));
-  at::Tensor workspace =
-      at::empty({cuda::lis_segment_sum_workspace_rows(layout), shape.dim}, out.options());
+  at::Tensor out = empty_checked({shape.num_segments, shape.dim}, x.options().dtype(acc), "x's segments and width");
+  at::Tensor workspace = empty_checked({cuda::lis_segment_sum_workspace_rows(layout), shape.dim}, out.options(),
+                                       "x's segments and width");
   const cuda::LisSegmentSumParams params{
       x.const_data_ptr(), token_weight.has_value() ? token_weight->const_data_ptr() : nullptr,
       workspace.mutable_data_ptr(), out.mutable_data_ptr(), layout, dtype};
@@ -182,7 +182,7 @@ at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::T
   const LisShape shape = check_lis_segment_dot(x, u, c, cu_seqlens);
   const cuda::ScalarKind dtype = scalar_kind(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(u.scalar_type()));
+  at::Tensor out = empty_checked(lis_token_sizes(shape), x.options().dtype(u.scalar_type()), "x's tokens");
   const cuda::LisSegmentDotParams params{x.const_data_ptr(), u.const_data_ptr(), c.const_data_ptr(),
                                          out.mutable_data_ptr(), lis_layout(shape, cu_seqlens),
                                          dtype};
@@ -197,7 +197,7 @@ at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at:
   const c10::cuda::CUDAGuard guard(grad.device());
   std::vector<int64_t> sizes = lis_token_sizes(shape);
   sizes.push_back(shape.dim);
-  at::Tensor out = at::empty(sizes, grad.options().dtype(dtype));
+  at::Tensor out = empty_checked(sizes, grad.options().dtype(dtype), "grad's tokens and u's width");
   const cuda::LisInputGradParams params{grad.const_data_ptr(), u.const_data_ptr(), w.const_data_ptr(),
                                         out.mutable_data_ptr(), lis_layout(shape, cu_seqlens), kind};
   check_launch(cuda::launch_lis_input_grad(params, c10::cuda::getCurrentCUDAStream()));
@@ -213,7 +213,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& ke
   const int64_t tokens = keep.numel();
   check_varlen_rows(rows, tokens, keep.device());
   const c10::cuda::CUDAGuard guard(keep.device());
-  at::Tensor indices = at::empty({total}, keep.options().dtype(at::kLong));
+  const std::string total_arg = c10::str("total = ", total);
+  at::Tensor indices = empty_checked({total}, keep.options().dtype(at::kLong), total_arg);
   at::Tensor workspace =
       at::empty({cuda::varlen_pack_workspace_bytes(tokens)}, keep.options().dtype(at::kByte));
   std::vector<at::Tensor> packed;
@@ -221,7 +222,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> varlen_pack(const at::Tensor& ke
   packed.reserve(rows.size());
   copies.reserve(rows.size());
   for (const at::Tensor& r : rows) {
-    packed.push_back(at::empty({total, r.size(1)}, r.options()));
+    packed.push_back(empty_checked({total, r.size(1)}, r.options(), total_arg));
     copies.push_back(cuda::VarlenRows{r.const_data_ptr(), packed.back().mutable_data_ptr(),
                                       r.size(1) * static_cast<int64_t>(r.element_size())});
   }
@@ -241,9 +242,12 @@ at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, in
                          const at::Scalar& fill) {
   check_varlen_unpack(packed, indices, rows);
   const c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor out = at::empty({rows, packed.size(1)}, packed.options());
+  const std::string rows_arg = c10::str("rows = ", rows);
+  at::Tensor out = empty_checked({rows, packed.size(1)}, packed.options(), rows_arg);
   const at::Tensor fill_row = at::full({packed.size(1)}, fill, packed.options());
-  at::Tensor source = at::empty({rows}, indices.options());
+  const int64_t row_bytes = packed.size(1) * static_cast<int64_t>(packed.element_size());
+  // The map from output rows to packed rows; zero-width rows have nothing to map.
+  at::Tensor source = empty_checked({row_bytes == 0 ? 0 : rows}, indices.options(), rows_arg);
   const cuda::VarlenUnpackParams params{packed.const_data_ptr(),
                                         indices.const_data_ptr<int64_t>(),
                                         fill_row.const_data_ptr(),
@@ -251,7 +255,7 @@ at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, in
                                         out.mutable_data_ptr(),
                                         packed.size(0),
                                         rows,
-                                        packed.size(1) * static_cast<int64_t>(packed.element_size())};
+                                        row_bytes};
   check_launch(cuda::launch_varlen_unpack(params, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

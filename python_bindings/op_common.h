@@ -5,14 +5,37 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
 #include "vsops/difftopk_math.h"
 
 namespace vsops {
+
+// Outputs and workspaces past this size are refused before allocating: 256 TiB, more memory than
+// any one machine or GPU has. Such sizes come from a wrong argument (a huge `rows`, a zero-size
+// input with huge dimensions), and allocating them would fail inside the kernel, as std::bad_alloc
+// or as an overflowed storage size. vsops.ops.validation.MAX_ALLOCATION_BYTES is the same limit.
+constexpr int64_t kMaxAllocationBytes = int64_t(1) << 48;
+
+// at::empty(sizes, options), or a ValueError naming `what` (the argument the size comes from)
+// when the tensor would exceed kMaxAllocationBytes.
+inline at::Tensor empty_checked(at::IntArrayRef sizes, const at::TensorOptions& options, const std::string& what) {
+  int64_t bytes = static_cast<int64_t>(options.dtype().itemsize());
+  bool too_large = false, empty = false;
+  for (const int64_t size : sizes) {
+    TORCH_CHECK_VALUE(size >= 0, "vsops: ", what, " gives a negative size, ", sizes);
+    too_large = too_large || c10::mul_overflows(bytes, size, &bytes) || bytes > kMaxAllocationBytes;
+    empty = empty || size == 0;  // then empty whatever the product of the other sizes
+  }
+  TORCH_CHECK_VALUE(!too_large || empty, "vsops: ", what, " asks for a tensor of shape ", sizes,
+                    " and dtype ", options.dtype(), ": more than 2^48 bytes, more memory than any machine has");
+  return at::empty(sizes, options);
+}
 
 struct SegmentShape {
   int64_t num_segments;

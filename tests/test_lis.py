@@ -480,3 +480,26 @@ def test_compiled_kernels_check_their_inputs():
         torch.ops.vsops.lis_segment_sum(x, torch.randn(7, dtype=torch.float64), cu)
     with pytest.raises(ValueError, match="w must have shape"):
         torch.ops.vsops.lis_input_grad(torch.randn(7), torch.randn(2, D), torch.randn(2, D + 1), cu, torch.float32)
+
+
+def test_outputs_no_machine_can_hold_are_refused():
+    """Zero-size operands with huge dimensions ask for outputs past 2^48 bytes: a ValueError
+    naming the operands from every backend, not an allocation failing inside the kernel."""
+    huge = 1 << 40
+    for name in ops.weight_grad.backends():
+        with pytest.raises(ValueError, match=r"left and right asks for a tensor of shape .1099511627776, 1099511627776."):
+            ops.weight_grad.op(name)(torch.zeros(0, huge), torch.zeros(0, huge), torch.float32)
+        with pytest.raises(ValueError, match="vectors and weight"):
+            ops.weight_product.op(name)(torch.zeros(huge, 0), torch.zeros(huge, 0), True)
+        # Empty outputs are fine, however large the other dimension.
+        assert ops.weight_grad.op(name)(torch.zeros(0, huge), torch.zeros(0, 0), torch.float32).shape == (huge, 0)
+    if "cpu" not in ops.segment_sum.backends():
+        return
+    with pytest.raises(ValueError, match="x's tokens"):
+        torch.ops.vsops.lis_segment_dot(torch.zeros(16, 1 << 44, 0), torch.zeros(16, 0), torch.zeros(16), None)
+    with pytest.raises(ValueError, match="x's segments and width"):
+        torch.ops.vsops.lis_segment_sum(torch.zeros(1 << 4, 0, 1 << 44), None, None)
+    with pytest.raises(ValueError, match="grad's tokens and u's width"):
+        # 2^24 tokens of width 2^23: 2^49 bytes of output from 128 MiB of operands.
+        u = torch.zeros(1, 1 << 23)
+        torch.ops.vsops.lis_input_grad(torch.zeros(1, 1 << 24), u, u, None, torch.float32)

@@ -344,3 +344,38 @@ def test_unpack_after_a_mask_that_drops_everything(backend):
     packed = select_and_pack(keep, torch.randn(2, 6, 3, device=device))
     out = packed.unpack(packed.tensors[0], fill=7.0)
     assert out.shape == (2, 6, 3) and bool((out == 7).all())
+
+
+def test_zero_width_rows_pack_pad_and_unpack(backend):
+    """A tensor of zero-width rows (data pointer null), alone and beside another: the kernels
+    copy nothing for it (.ci/sanitize.sh catches a memcpy given the null pointer)."""
+    _, device = backend
+    keep = torch.tensor([[True, False, True], [False, True, True]], device=device)
+    empty = torch.zeros(2, 3, 0, device=device)
+    embeds = torch.randn(2, 3, 4, device=device)
+    for tensors in [(empty,), (empty, embeds)]:
+        packed = select_and_pack(keep, *tensors)
+        assert packed.tensors[0].shape == (4, 0)
+        assert packed.unpack(packed.tensors[0]).shape == (2, 3, 0)
+    packed = select_and_pack(keep, empty, embeds)
+    assert torch.equal(packed.tensors[1], embeds[keep])
+    padded = select_and_pad(keep, empty, embeds)
+    assert padded.tensors[0].shape == (2, 2, 0) and torch.equal(padded.tensors[1][padded.attention_mask.bool()], embeds[keep])
+
+
+@pytest.mark.parametrize("name", ops.unpack.backends())
+def test_sizes_no_machine_can_hold_are_refused(name):
+    """rows and total past 2^48 bytes of output: a ValueError naming them from every backend,
+    not an allocation failing inside the kernel. Zero-width rows ask for nothing."""
+    packed, indices = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    for rows in (1 << 62, 1 << 46):
+        with pytest.raises(ValueError, match=f"rows = {rows} .*2\\^48 bytes"):
+            ops.unpack.op(name)(packed, indices, rows, 0)
+    assert ops.unpack.op(name)(torch.zeros(1, 0), torch.tensor([5]), 1 << 62, 0).shape == (1 << 62, 0)
+    with pytest.raises(ValueError, match=f"total = {1 << 62}"):
+        ops.pack.op(name)(torch.zeros(4, dtype=torch.bool), 1 << 62, [torch.zeros(4, 4)])
+
+
+def test_public_unpack_refuses_a_batch_no_machine_can_hold():
+    with pytest.raises(ValueError, match=f"rows = {1 << 62}"):
+        unpack(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 1 << 31, 1 << 31)

@@ -1,6 +1,8 @@
 """Which implementation runs an operator, per call.
 
-GPU tensors: compiled CUDA kernels, then Triton, then the PyTorch reference.
+GPU tensors: compiled CUDA kernels, then Triton, then the PyTorch reference. A GPU the build has
+no code for (an arch older than every compiled one, say) is found by asking the CUDA runtime on
+its first call, once per device; its calls then go to Triton, with one warning.
 CPU tensors: compiled CPU kernels, then the PyTorch reference (Triton runs CPU tensors only
 under ``TRITON_INTERPRET=1``, and only when forced, since the interpreter is for testing).
 ``VSOPS_BACKEND=reference|cpu|cuda|triton`` forces one backend for every call; forcing a
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -54,6 +57,37 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# Device index -> whether the compiled CUDA kernels run on it; filled on each GPU's first call.
+_CUDA_KERNELS_RUN: dict[int, bool] = {}
+
+
+def _cuda_kernel_error(index: int) -> str | None:
+    """Why the compiled CUDA kernels cannot run on GPU ``index``; None when they can."""
+    error = _compiled.cuda_kernel_error(index)
+    if error is None:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{error} (compute capability {major}.{minor}; rebuild with VSOPS_CUDA_ARCHS including {major}{minor})"
+
+
+# Called while torch.compile traces too: the answer is a constant of the process.
+@torch.compiler.assume_constant_result
+def cuda_kernels_run_on(device: torch.device) -> bool:
+    """Whether the compiled CUDA kernels can run on this GPU; warns once per GPU when not."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CUDA_KERNELS_RUN:
+        error = _cuda_kernel_error(index)
+        if error is not None:
+            warnings.warn(
+                f"vsops: the compiled CUDA kernels cannot run on cuda:{index}: {error}. "
+                "Its calls use the Triton kernels instead.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _CUDA_KERNELS_RUN[index] = error is None
+    return _CUDA_KERNELS_RUN[index]
+
+
 def available() -> dict[str, bool]:
     """Backends usable in this process (for any device)."""
     return {
@@ -68,7 +102,7 @@ def _can_serve(backend: str, device: torch.device, dtype: torch.dtype, have: dic
     if not have[backend]:
         return False
     if backend == "cuda":
-        return device.type == "cuda"
+        return device.type == "cuda" and cuda_kernels_run_on(device)
     if backend == "cpu":
         return device.type == "cpu"
     if backend == "triton":
@@ -98,7 +132,11 @@ def select(device: torch.device, dtype: torch.dtype, what: str = "the tensors") 
         if forced not in BACKENDS:
             raise ValueError(f"VSOPS_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
         if not _can_serve(forced, device, dtype, have):
-            why = f"; vsops._C failed to import: {_COMPILED_ERROR}" if forced in ("cpu", "cuda") and _compiled is None else ""
+            why = ""
+            if forced in ("cpu", "cuda") and _compiled is None:
+                why = f"; vsops._C failed to import: {_COMPILED_ERROR}"
+            elif forced == "cuda" and have["cuda"] and device.type == "cuda":
+                why = "; the compiled kernels have no code for this GPU (see the warning)"
             raise BackendUnavailable(
                 f"VSOPS_BACKEND={forced} cannot run {what} ({dtype} on {device.type}): it runs "
                 f"{_SERVES[forced]}{why}"

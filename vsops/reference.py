@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vsops.ops.validation import num_segments
+from vsops.ops.validation import check_allocation, num_segments
 
 __all__ = [
     "TILE_ELEMENTS",
@@ -291,6 +291,7 @@ def lis_segment_dot(x: torch.Tensor, u: torch.Tensor, c: torch.Tensor, cu_seqlen
 def lis_weight_product(vectors: torch.Tensor, weight: torch.Tensor, transpose: bool):
     """``vectors @ weight.T`` (``transpose``: ``[S, D]`` -> ``[S, d]``) or ``vectors @ weight``
     (``[S, d]`` -> ``[S, D]``) for a ``[d, D]`` weight, in the vectors' dtype."""
+    check_allocation((vectors.shape[0], weight.shape[0 if transpose else 1]), vectors.dtype, "vectors and weight")
     w = weight.double()
     out = vectors.double() @ (w.T if transpose else w)
     return out.to(vectors.dtype)
@@ -298,6 +299,7 @@ def lis_weight_product(vectors: torch.Tensor, weight: torch.Tensor, transpose: b
 
 def lis_weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype):
     """``left^T @ right`` (``[S, d]``, ``[S, D]`` -> ``[d, D]``) in ``dtype``: a weight gradient."""
+    check_allocation((left.shape[1], right.shape[1]), dtype, "left and right")
     return (left.double().T @ right.double()).to(dtype)
 
 
@@ -345,6 +347,7 @@ def varlen_pack(keep: torch.Tensor, total: int, rows: list[torch.Tensor]):
 
 def varlen_unpack(packed: torch.Tensor, indices: torch.Tensor, rows: int, fill: float):
     """The inverse: ``[rows, R]`` with packed row j at ``indices[j]`` and ``fill`` elsewhere."""
+    check_allocation((rows, packed.shape[1]), packed.dtype, f"rows = {rows}")
     out = torch.full((rows, packed.shape[1]), fill, dtype=packed.dtype, device=packed.device)
     return out.index_copy_(0, indices, packed)
 

@@ -202,8 +202,10 @@ at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>&
   if (token_weight.has_value()) {
     check_lis_operand(*token_weight, "token_weight", lis_token_sizes(shape), acc, x.device());
   }
+  at::Tensor out = empty_checked({shape.num_segments, shape.dim}, x.options().dtype(acc), "x's segments and width");
+  // Nothing to compute, and no plan over tokens that may be more than memory holds (a zero-width x).
+  if (out.numel() == 0) return out;
   const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
-  at::Tensor out = at::empty({shape.num_segments, shape.dim}, x.options().dtype(acc));
   at::Tensor partial = at::empty({static_cast<int64_t>(plan.chunks.size()), shape.dim}, out.options());
   VSOPS_DISPATCH_LIS(x.scalar_type(), [&] {
     using A = Acc<scalar_t>;
@@ -217,8 +219,8 @@ at::Tensor lis_segment_sum(const at::Tensor& x, const std::optional<at::Tensor>&
 at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c,
                            const std::optional<at::Tensor>& cu_seqlens) {
   const LisShape shape = check_lis_segment_dot(x, u, c, cu_seqlens);
+  at::Tensor out = empty_checked(lis_token_sizes(shape), x.options().dtype(u.scalar_type()), "x's tokens");
   const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
-  at::Tensor out = at::empty(lis_token_sizes(shape), x.options().dtype(u.scalar_type()));
   VSOPS_DISPATCH_LIS(x.scalar_type(), [&] {
     using A = Acc<scalar_t>;
     dot_tokens(x.const_data_ptr<scalar_t>(), u.const_data_ptr<A>(), c.const_data_ptr<A>(), plan, shape.dim,
@@ -230,10 +232,11 @@ at::Tensor lis_segment_dot(const at::Tensor& x, const at::Tensor& u, const at::T
 at::Tensor lis_input_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w,
                           const std::optional<at::Tensor>& cu_seqlens, at::ScalarType dtype) {
   const LisShape shape = check_lis_input_grad(grad, u, w, cu_seqlens, dtype);
-  const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
   std::vector<int64_t> sizes = lis_token_sizes(shape);
   sizes.push_back(shape.dim);
-  at::Tensor out = at::empty(sizes, grad.options().dtype(dtype));
+  at::Tensor out = empty_checked(sizes, grad.options().dtype(dtype), "grad's tokens and u's width");
+  if (out.numel() == 0) return out;
+  const ChunkPlan plan = plan_chunks(shape, cu_seqlens);
   VSOPS_DISPATCH_LIS(dtype, [&] {
     using A = Acc<scalar_t>;
     input_grad_tokens(grad.const_data_ptr<A>(), u.const_data_ptr<A>(), w.const_data_ptr<A>(), plan,

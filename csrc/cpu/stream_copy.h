@@ -32,7 +32,10 @@ inline void stream_lane(char* dst, const char* src) {
 
 // memcpy(dst, src, bytes), with the lane-aligned middle of dst written by streaming stores
 // when `streaming`. Callers must call stream_fence() before other threads read dst.
+// Rows of zero bytes (zero-width tensors) are not copied: their data pointers may be null,
+// which memcpy must not be given even for no bytes.
 inline void copy_row(char* dst, const char* src, int64_t bytes, bool streaming) {
+  if (bytes == 0) return;
 #if defined(__AVX512F__) || defined(__AVX2__)
   if (streaming && bytes >= kStreamLane) {  // then head < bytes
     const int64_t head = static_cast<int64_t>((-reinterpret_cast<std::uintptr_t>(dst)) & (kStreamLane - 1));

@@ -2,6 +2,7 @@
 // tensors gathered into FlashAttention's packed layout in one pass, and scattered back.
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -77,18 +78,30 @@ at::Tensor varlen_unpack(const at::Tensor& packed, const at::Tensor& indices, in
   check_varlen_unpack(packed, indices, rows);
   const int64_t total = packed.size(0);
   const int64_t* idx = indices.const_data_ptr<int64_t>();
-  // source[i]: the packed row written to output row i, or -1 for a filled row. Every output
-  // row is then written exactly once, with no zero fill before the scatter.
-  std::vector<int64_t> source(rows, -1);
-  for (int64_t j = 0; j < total; ++j) {
+  const std::string rows_arg = c10::str("rows = ", rows);
+  at::Tensor out = empty_checked({rows, packed.size(1)}, packed.options(), rows_arg);
+  const auto check_in_range = [&](int64_t j) {
     TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < rows, "vsops: indices[", j, "] = ", idx[j],
                       " is out of range [0, ", rows, ")");
+  };
+  const int64_t row_bytes = packed.size(1) * packed.element_size();
+  if (row_bytes == 0) {
+    // Nothing to write, so no map of the rows (which may be far more than memory holds) either:
+    // the indices are checked for range only, as repeats cannot change an empty output.
+    for (int64_t j = 0; j < total; ++j) check_in_range(j);
+    return out;
+  }
+  // source[i]: the packed row written to output row i, or -1 for a filled row. Every output
+  // row is then written exactly once, with no zero fill before the scatter. (A tensor, not a
+  // std::vector, so that a size no machine can hold is refused as the output is.)
+  at::Tensor source_rows = empty_checked({rows}, indices.options(), rows_arg).fill_(-1);
+  int64_t* source = source_rows.mutable_data_ptr<int64_t>();
+  for (int64_t j = 0; j < total; ++j) {
+    check_in_range(j);
     TORCH_CHECK_VALUE(source[idx[j]] < 0, "vsops: indices repeats ", idx[j]);
     source[idx[j]] = j;
   }
-  at::Tensor out = at::empty({rows, packed.size(1)}, packed.options());
   const at::Tensor fill_row = at::full({packed.size(1)}, fill, packed.options());
-  const int64_t row_bytes = packed.size(1) * packed.element_size();
   const char* src = static_cast<const char*>(packed.const_data_ptr());
   const char* fill_bytes = static_cast<const char*>(fill_row.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());

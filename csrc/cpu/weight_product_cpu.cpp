@@ -255,7 +255,7 @@ void outer_sum(const Acc<T>* left, const Acc<T>* right, int64_t num_vectors, int
 at::Tensor lis_weight_product(const at::Tensor& vectors, const at::Tensor& weight, bool transpose) {
   check_lis_weight_product(vectors, weight, transpose);
   const int64_t rows = weight.size(0), dim = weight.size(1);
-  at::Tensor out = at::empty({vectors.size(0), transpose ? rows : dim}, vectors.options());
+  at::Tensor out = empty_checked({vectors.size(0), transpose ? rows : dim}, vectors.options(), "vectors and weight");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "vsops_lis_weight_product", [&] {
     using A = Acc<scalar_t>;
     const auto kernel = transpose ? weight_rows_dot<scalar_t> : weight_rows_sum<scalar_t>;
@@ -267,7 +267,7 @@ at::Tensor lis_weight_product(const at::Tensor& vectors, const at::Tensor& weigh
 
 at::Tensor lis_weight_grad(const at::Tensor& left, const at::Tensor& right, at::ScalarType dtype) {
   check_lis_weight_grad(left, right, dtype);
-  at::Tensor out = at::empty({left.size(1), right.size(1)}, right.options().dtype(dtype));
+  at::Tensor out = empty_checked({left.size(1), right.size(1)}, right.options().dtype(dtype), "left and right");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vsops_lis_weight_grad", [&] {
     using A = Acc<scalar_t>;
     outer_sum(left.const_data_ptr<A>(), right.const_data_ptr<A>(), left.size(0), left.size(1), right.size(1),

@@ -188,5 +188,12 @@ int64_t varlen_pack_workspace_bytes(int64_t num_tokens);
 cudaError_t launch_varlen_pack(const VarlenPackParams& params, cudaStream_t stream);
 cudaError_t launch_varlen_unpack(const VarlenUnpackParams& params, cudaStream_t stream);
 
+// cudaSuccess when GPU `device` can run this build's kernels, else why not: typically
+// cudaErrorNoKernelImageForDevice, for a GPU older than every compiled arch (or of another major
+// version with no PTX to compile). Every .cu file is compiled for the same archs, so one kernel
+// stands for all. Restores the current device, and clears the runtime's last error, so that a
+// failed probe is not reported by the next launch.
+cudaError_t kernel_image_status(int device);
+
 }  // namespace cuda
 }  // namespace vsops

@@ -23,6 +23,11 @@ import torch
 NAN_POLICIES = ("propagate", "raise")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Outputs past this size are refused before allocating: more memory than any one machine or GPU
+# has, so the size must come from a wrong argument. kMaxAllocationBytes in
+# python_bindings/op_common.h is the same limit, for the compiled kernels.
+MAX_ALLOCATION_BYTES = 1 << 48
+
 
 def check_tensor(value, name: str, *, like: tuple[str, torch.Tensor] | None = None) -> None:
     """``value`` is a tensor with data (not on the meta device), on the device of ``like``
@@ -231,3 +236,16 @@ def check_op_devices(op: str, names: Sequence[str], args: Sequence) -> torch.dev
                     "argument must be on one device"
                 )
     return None if first is None else first[1]
+
+
+def check_allocation(shape, dtype: torch.dtype, what: str) -> None:
+    """Raises ValueError naming ``what`` (the argument the size comes from) when a tensor of
+    ``shape`` and ``dtype`` would exceed :data:`MAX_ALLOCATION_BYTES`, rather than letting the
+    allocation fail inside a kernel."""
+    if any(size < 0 for size in shape):
+        raise ValueError(f"{what} gives a negative size, {tuple(shape)}")
+    if math.prod(shape) * dtype.itemsize > MAX_ALLOCATION_BYTES:
+        raise ValueError(
+            f"{what} asks for a tensor of shape {tuple(shape)} and dtype {dtype}: more than 2^48 bytes, "
+            "more memory than any machine has"
+        )

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vsops.ops.validation import check_allocation
+
 __all__ = ["varlen_pack", "varlen_unpack"]
 
 # Copy tile: 16 rows x 128 words is 16 KiB of int64 words over 4 warps, 128 bytes a thread.
@@ -128,6 +130,9 @@ def varlen_pack(keep: torch.Tensor, total: int, rows: list[torch.Tensor]):
                              f"tensor, got shape {tuple(r.shape)}")
         if r.device != keep.device:
             raise ValueError(f"vsops.triton.varlen_pack: rows[{j}] must be on the device of keep")
+    check_allocation((total,), torch.long, f"total = {total}")
+    for r in rows:
+        check_allocation((total, r.shape[1]), r.dtype, f"total = {total}")
     indices = torch.empty(total, dtype=torch.long, device=keep.device)
     packed = [torch.empty((total, r.shape[1]), dtype=r.dtype, device=r.device) for r in rows]
     if tokens == 0 or total == 0:
@@ -172,9 +177,11 @@ def varlen_unpack(packed: torch.Tensor, indices: torch.Tensor, rows: int, fill) 
         raise ValueError("vsops.triton.varlen_unpack: indices must be on the device of packed")
     if rows < total:
         raise ValueError(f"vsops.triton.varlen_unpack: rows = {rows} is fewer than the {total} packed rows")
+    check_allocation((rows, width), packed.dtype, f"rows = {rows}")
     out = torch.empty((rows, width), dtype=packed.dtype, device=packed.device)
     if rows == 0 or width == 0:
         return out
+    check_allocation((rows,), torch.long, f"rows = {rows}")
 
     source = torch.full((rows,), -1, dtype=torch.long, device=packed.device)
     if total > 0:
