@@ -379,3 +379,6 @@ def test_sizes_no_machine_can_hold_are_refused(name):
 def test_public_unpack_refuses_a_batch_no_machine_can_hold():
     with pytest.raises(ValueError, match=f"rows = {1 << 62}"):
         unpack(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 1 << 31, 1 << 31)
+    # batch * length past int64: refused before the op's size argument could overflow.
+    with pytest.raises(ValueError, match=f"batch \\* length: rows = {1 << 64}"):
+        unpack(torch.randn(2, 3), torch.tensor([0, 1]), 1 << 62, 4)

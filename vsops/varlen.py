@@ -403,6 +403,7 @@ def unpack(packed: torch.Tensor, indices: torch.Tensor, batch: int, length: int,
     if indices.shape[0] > rows_out:
         raise ValueError(f"packed has {indices.shape[0]} rows, more than batch * length = {rows_out}")
     validation.check_fill(fill, "fill", packed.dtype)
+    validation.check_allocation((batch, length, *packed.shape[1:]), packed.dtype, f"batch * length: rows = {rows_out}")
     backend = backends.select(packed.device, torch.float32, "packed")
     if backend != "cpu" and packed.device.type == "cpu":  # the compiled CPU kernel checks them itself
         validation.check_unpack_indices(indices, rows_out)
