@@ -21,7 +21,7 @@ from vsops.integrations.vision_attention import VisionAttentionCapture
 from vsops.methods import VISION_ATTENTION
 from vsops.scorer import LearnableImportanceScorer
 
-__all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_applied", "image_ids"]
+__all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_applied", "image_ids", "named_entry_point"]
 
 BUDGET_KEYWORD = "visionselector_budget"
 SCORER_ATTRIBUTE = "importance_scorer"  # on the vision tower: the published checkpoints' key
@@ -78,6 +78,31 @@ def apply_visionselector(
         return None
     adapter = _adapter_of(model, model_type)
     return attach(adapter, model, settings)
+
+
+def named_entry_point(adapter: ModelAdapter, doc: str):
+    """``apply_visionselector_to_<adapter.name>`` (Liger-Kernel's convention): the arguments of
+    :func:`apply_visionselector`, for this adapter's models only (a TypeError naming its classes
+    for any other module), or with None for its transformers classes. ``doc`` is its docstring."""
+
+    def entry_point(
+        model: nn.Module | None = None,
+        *,
+        budget: float = 0.2,
+        scope: str = "sample",
+        proj_dim: int | None = None,
+        packed: bool | None = None,
+        method=None,
+    ) -> VisionSelector | None:
+        if model is not None:
+            adapter.split(model)
+        return apply_visionselector(model, model_type=adapter.name, budget=budget, scope=scope, proj_dim=proj_dim,
+                                    packed=packed, method=method)
+
+    entry_point.__name__ = entry_point.__qualname__ = f"apply_visionselector_to_{adapter.name}"
+    entry_point.__module__ = type(adapter).__module__
+    entry_point.__doc__ = doc
+    return entry_point
 
 
 def attach(adapter: ModelAdapter, model: nn.Module, settings: dict) -> VisionSelector:

@@ -532,6 +532,33 @@ def test_apply_and_revert_on_an_instance(setup):
         torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)
 
 
+def test_the_named_entry_point_and_the_class_patch(setup):
+    adapter = vsops.integrations.adapter_for(setup.name)
+    entry_point = getattr(vsops.integrations, f"apply_visionselector_to_{setup.name}")
+    top_name, inner_name = adapter.class_names()
+    with pytest.raises(TypeError, match=top_name):
+        entry_point(torch.nn.Linear(2, 2))
+    inner = setup.make_model().model
+    assert entry_point(inner) is inner.visionselector  # the multimodal model alone
+    if adapter.remote_code:
+        with pytest.raises(ValueError, match="remote code"):
+            entry_point(None)
+        return
+    batch = setup.make_batch(PROMPTS)
+    for patch in (lambda: entry_point(budget=0.3), lambda: apply_visionselector(model_type=setup.name, budget=0.3)):
+        patch()
+        try:
+            assert is_visionselector_applied()
+            model = setup.make_model()
+            assert is_visionselector_applied(model) and model.visionselector.budget == 0.3
+            with torch.no_grad():
+                assert model(**batch).logits.shape[1] < batch["input_ids"].shape[1]
+            assert hasattr(adapter.classes()[0](model.config).visual, "importance_scorer")  # the multimodal class too
+        finally:
+            revert_visionselector()
+        assert not is_visionselector_applied() and not is_visionselector_applied(setup.make_model())
+
+
 def test_bad_input_gives_clear_errors(setup):
     model = setup.make_model()
     with pytest.raises(ValueError, match="budget"):
