@@ -199,4 +199,4 @@ def adapter_for(model_type: str) -> ModelAdapter:
 
 def _load_builtin_adapters() -> None:
     # Importing an adapter module registers it; they import transformers lazily.
-    from vsops.integrations import llava_ov_1_5, qwen2_5_vl, qwen2_vl  # noqa: F401
+    from vsops.integrations import llava_ov_1_5, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401

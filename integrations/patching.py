@@ -157,6 +157,8 @@ def image_ids(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, 
     (int64 ``[B, L]``, -1 elsewhere), and the number of images and videos.
 
     Each kind's features fill its placeholders in row-major order, as the models scatter them.
+    An item's placeholders may be split by text (Qwen3-VL writes a timestamp before each video
+    frame) but not by another item's.
     """
     ids = torch.full_like(input_ids, -1)
     offset = 0
@@ -171,18 +173,21 @@ def image_ids(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, 
             raise ValueError(f"{grid_name} describes {item.numel()} {kind} tokens but input_ids has {int(where.sum())}")
         ids[where] = item
         offset += len(per_item)
-    # Renumbered in order of appearance: a new image starts where the id changes.
+    # Renumbered in order of appearance: a new item starts where the id changes along the
+    # visual tokens.
     flat = ids.reshape(-1)
-    previous = torch.cat([flat.new_full((1,), -1), flat[:-1]])
-    starts = (flat >= 0) & (flat != previous)
+    visual = flat >= 0
+    along = flat[visual]
+    starts = torch.cat([along.new_ones(min(1, along.numel()), dtype=torch.bool), along[1:] != along[:-1]])
     runs = int(starts.sum())
     if runs != offset:
         raise ValueError(
             f"the {offset} images and videos of the grids fill {runs} runs of placeholder tokens: each image or "
-            "video's placeholders must be consecutive"
+            "video's placeholders must come together, not interleaved with another's"
         )
-    ordinal = torch.cumsum(starts, 0) - 1
-    return torch.where(flat >= 0, ordinal, -1).view_as(ids), offset
+    out = torch.full_like(flat, -1)
+    out[visual] = torch.cumsum(starts, 0) - 1
+    return out.view_as(ids), offset
 
 
 def _adapter_of(model: nn.Module, model_type: str | None) -> ModelAdapter:
@@ -237,6 +242,7 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
         packed=settings["packed"],
         position_rows=adapter.position_rows,
         method=settings["method"],
+        token_inputs=adapter.token_inputs,
     )
     language_model = adapter.language_model(inner)
     selector.vision_capture = VisionAttentionCapture(adapter, adapter.vision_tower(inner), selector)

@@ -117,6 +117,8 @@ def _qwen_setup(model_type: str) -> ModelSetup:
 SETUPS = [
     _qwen_setup("qwen2_5_vl"),
     _qwen_setup("qwen2_vl"),
+    _qwen_setup("qwen3_vl"),
+    _qwen_setup("qwen3_vl_moe"),
     ModelSetup(
         name="llava_ov_1_5",
         make_model=_llava_model,
