@@ -191,8 +191,8 @@ def adapter_for(model_type: str) -> ModelAdapter:
     if adapter is None:
         names = sorted({a.name for a in _REGISTRY.values()})
         raise ValueError(
-            f"no VisionSelector adapter for model_type {model_type!r}; registered: "
-            f"{registered_model_types()} (names {names})"
+            f"no VisionSelector adapter for model_type {model_type!r}; supported model_types: "
+            f"{registered_model_types()} (adapter names {names})"
         )
     return adapter
 

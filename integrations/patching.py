@@ -303,8 +303,9 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
         ids, items = image_ids(adapter, inner, input_ids, kwargs)
     capture = selector.vision_capture
     reads_tower = capture is not None and VISION_ATTENTION in selector.method.needs
+    cache = kwargs.get("past_key_values")
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training,
-                        kinds=kinds if reads_tower else None)
+                        kinds=kinds if reads_tower else None, cached=cache.get_seq_length() if cache is not None else 0)
     if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders):
         capture.clear()  # the tower runs inside this forward
     return args, kwargs

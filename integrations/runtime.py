@@ -265,7 +265,7 @@ class VisionSelector:
     # -- per-call protocol -------------------------------------------------------------------
 
     def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False,
-                   kinds=None) -> None:
+                   kinds=None, cached: int = 0) -> None:
         """Called by the integration before the multimodal forward: which tokens are visual.
 
         Args:
@@ -281,11 +281,19 @@ class VisionSelector:
             kinds: int64 ``[B, L]``, the kind of visual input of each token (an index the
                 :attr:`vision_capture` knows), -1 elsewhere; needed by methods that read the
                 vision tower's attention.
+            cached: the tokens the call's KV cache holds already. Visual tokens are pruned at
+                prefill only: a call that brings some to a non-empty cache is a ValueError.
         """
         self.last = None
         if visual_mask is None:
             self._call = None
             return
+        if cached and bool(visual_mask.any()):
+            raise ValueError(
+                f"input_ids hold {int(visual_mask.sum())} image or video placeholder tokens but past_key_values "
+                f"already holds {cached} tokens: VisionSelector selects visual tokens at prefill only; start from "
+                "an empty cache (past_key_values=None) for a prompt with images or videos"
+            )
         budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
@@ -319,11 +327,7 @@ class VisionSelector:
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         if past > 0:
-            if call is not None and call.visual_mask.shape[1] > 0 and bool(call.visual_mask.any()):
-                raise ValueError(
-                    "VisionSelector cannot add visual tokens to a non-empty cache; start a new cache "
-                    "for a prompt with images or videos"
-                )
+            # begin_call refused visual tokens on a non-empty cache
             return self._decode_inputs(kwargs, cache, past)
         if call is None:
             return kwargs

@@ -11,6 +11,7 @@ runs on 4.57 only.
 """
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -645,6 +646,16 @@ def test_bad_input_gives_clear_errors(setup):
         model(**batch, use_cache=False)
 
 
+def test_images_on_a_non_empty_cache_are_refused(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    with torch.no_grad():
+        cache = model(**setup.make_batch([[5]])).past_key_values
+    batch = setup.make_batch(PROMPTS[:1])
+    with pytest.raises(ValueError, match="input_ids hold 16 image or video placeholder tokens but past_key_values "
+                                         "already holds 5 tokens"), torch.no_grad():
+        model(**batch, past_key_values=cache)
+
+
 def test_outputs_survive_a_pytree_round_trip(setup):
     # DistributedDataParallel and torch.compile rebuild outputs from their pytree: the
     # selection must be a field of the output class, not a loose key.
@@ -751,8 +762,16 @@ def test_registry_errors_name_what_is_wrong(tmp_path):
 
     from vsops.integrations import adapter_for, apply_visionselector_to_llava_ov_1_5
 
-    with pytest.raises(ValueError, match="no VisionSelector adapter for model_type 'llama'"):
+    with pytest.raises(ValueError, match="no VisionSelector adapter for model_type 'llama'") as error:
         adapter_for("llama")
+    supported = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llavaonevision1_5"}
+    assert set(vsops.integrations.registered_model_types()) == supported
+    assert all(repr(name) in str(error.value) for name in supported)  # the message lists them
+    # a model of a family without an adapter (Qwen3.5, for one)
+    unsupported = torch.nn.Module()
+    unsupported.config = types.SimpleNamespace(model_type="qwen3_5")
+    with pytest.raises(ValueError, match=r"model_type 'qwen3_5'; supported model_types: \['llavaonevision1_5', 'qwen2_5_vl'"):
+        apply_visionselector(unsupported)
     with pytest.raises(ValueError, match="model_type"):
         apply_visionselector(model_type="llama")
     with pytest.raises(ValueError, match="give the model to patch, or model_type"):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import types
 
-import torch
-
 from vsops.integrations.testing.prompts import TOKENS, PromptLayout, multimodal_batch
 
 __all__ = [
