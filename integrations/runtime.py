@@ -1,6 +1,8 @@
 """Model-agnostic VisionSelector runtime: score the visual tokens a language model is about to
 see, then either prune them (inference) or scale them by the soft mask (training), and keep the
-pruned KV cache and the attention mask of later decode steps in agreement.
+pruned KV cache and the attention mask of later decode steps in agreement. The language model's
+other per-token inputs that an adapter declares (``token_inputs``, e.g. Qwen3-VL's deepstack
+features) follow the kept tokens, and in training the soft mask.
 
 The hooks of :mod:`vsops.integrations.patching` tell the selector, per forward call, which
 tokens are visual (:meth:`VisionSelector.begin_call`, from what a model's adapter declares),
@@ -26,8 +28,8 @@ from collections.abc import Mapping
 import torch
 
 from vsops.budget import budget_to_k, check_budget
-from vsops.integrations.adapter import TOKENS, VISUAL_ROWS
 from vsops.difftopk import constraint_loss, difftopk
+from vsops.integrations.adapter import TOKENS, VISUAL_ROWS
 from vsops.methods import (
     VISION_ATTENTION,
     ScoringMethod,
