@@ -1,6 +1,7 @@
-"""End-to-end prefill benchmarks (pytest-benchmark): a random-weight Qwen2.5-VL and a
-LLaVA-OneVision-1.5 of the same sizes (on transformers 4.x, with lmms-engine's model code) on one
-prompt of 2,024 visual and 60 text tokens, unpatched and with VisionSelector at each budget.
+"""End-to-end prefill benchmarks (pytest-benchmark): random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE and LLaVA-OneVision-1.5 of the same sizes (the last on transformers 4.x, with
+lmms-engine's model code) on one prompt of 2,024 visual and 60 text tokens, unpatched and with
+VisionSelector at each budget.
 
     python -m pytest benchmarks/test_bench_prefill.py --benchmark-only
 
@@ -16,7 +17,6 @@ pytest.importorskip("transformers")
 
 from vsops.benchmarks import prefill as bench_prefill  # noqa: E402
 from vsops.integrations import apply_visionselector, revert_visionselector  # noqa: E402
-from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -24,8 +24,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(scope="module", params=sorted(bench_prefill.MODELS))
 def model_and_batch(request):
     model = request.param
-    if model == "llava_ov_1_5" and unavailable_reason():
-        pytest.skip(unavailable_reason())
+    if bench_prefill.unavailable_reason(model):
+        pytest.skip(bench_prefill.unavailable_reason(model))
     return bench_prefill.build_model(DEVICE, model=model), bench_prefill.make_batch(DEVICE, model=model)
 
 

@@ -12,7 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "register_adapter", "adapter_for", "registered_model_types"]
+__all__ = ["ModelAdapter", "TOKENS", "VISUAL_ROWS", "register_adapter", "adapter_for", "registered_model_types"]
+
+# The layouts of ModelAdapter.token_inputs.
+TOKENS = "tokens"  # [B, L, ...]: one entry per token
+VISUAL_ROWS = "visual_rows"  # [V, ...] or a list of those: one row per visual token, row-major
 
 _REGISTRY: dict[str, ModelAdapter] = {}
 
@@ -29,8 +33,19 @@ class ModelAdapter:
         visual_inputs: forward keywords whose presence means the call carries images or videos.
         remote_code: True when the model's classes come from the checkpoint
             (``trust_remote_code``), so that only instances can be patched.
+        transformers_module: for a model transformers defines, its folder under
+            ``transformers.models`` (the classes are in ``modeling_<folder>``); empty for
+            remote code.
+        class_prefix: the classes are ``<prefix>Model`` and ``<prefix>ForConditionalGeneration``.
+        min_transformers: the oldest transformers ``(major, minor)`` the integration supports.
         vision_class_token: True when the vision tower opens each attention segment with a
             CLS token (whose attention row is the one VisionZip reads).
+        token_inputs: language-model keyword arguments that describe the tokens and must
+            follow the kept ones, by name: :data:`TOKENS` for a tensor laid out ``[B, L, ...]``
+            (gathered with the kept tokens, padding 0), :data:`VISUAL_ROWS` for a tensor or a
+            list of tensors ``[V, ...]`` with one row per visual token in row-major order
+            (gathered with the kept visual tokens; in training scaled by each token's soft
+            mask), e.g. Qwen3-VL's ``visual_pos_masks`` and ``deepstack_visual_embeds``.
     """
 
     name: str = ""
@@ -38,16 +53,42 @@ class ModelAdapter:
     position_rows: int = 1
     visual_inputs: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
     remote_code: bool = False
+    transformers_module: str = ""
+    class_prefix: str = ""
+    min_transformers: tuple[int, int] = (4, 52)
     vision_class_token: bool = False
+    token_inputs: dict[str, str] = {}
 
     # -- recognizing the model ----------------------------------------------------------------
 
     def classes(self) -> tuple[type, type]:
         """``(multimodal model class, conditional-generation class)``, for the class patch."""
-        raise ValueError(
-            f"{self.name} is remote code (trust_remote_code): its classes exist only once a checkpoint "
-            "is loaded; patch an instance, or load with vsops.integrations.from_pretrained"
-        )
+        if self.remote_code:
+            raise ValueError(
+                f"{self.name} is remote code (trust_remote_code): its classes exist only once a checkpoint "
+                "is loaded; patch an instance, or load with vsops.integrations.from_pretrained"
+            )
+        import importlib
+
+        try:
+            import transformers
+        except ImportError as e:  # pragma: no cover - exercised only without transformers
+            raise ImportError(f"the {self.name} integration needs transformers") from e
+        from packaging.version import Version
+
+        found = Version(transformers.__version__).release[:2]
+        wanted = ".".join(map(str, self.min_transformers))
+        if found < self.min_transformers:
+            raise ImportError(f"the {self.name} integration needs transformers >= {wanted} "
+                              f"(found {transformers.__version__})")
+        folder = self.transformers_module
+        try:
+            modeling = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+        except ImportError as e:
+            raise ImportError(f"transformers {transformers.__version__} has no {folder} model (the {self.name} "
+                              f"integration needs transformers >= {wanted})") from e
+        inner_name, top_name = self.class_names()[::-1]
+        return getattr(modeling, inner_name), getattr(modeling, top_name)
 
     def split(self, model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
         """``(top, inner)``: the conditional-generation model (or None when ``model`` is the
@@ -63,11 +104,15 @@ class ModelAdapter:
 
     def class_names(self) -> tuple[str, str]:
         """Names of the conditional-generation and multimodal classes."""
-        raise NotImplementedError
+        return f"{self.class_prefix}ForConditionalGeneration", f"{self.class_prefix}Model"
 
     def load(self, path, **hf_kwargs) -> nn.Module:
         """The unpatched model from a checkpoint directory (or hub id)."""
-        raise NotImplementedError
+        return self.classes()[1].from_pretrained(path, **hf_kwargs)
+
+    def check_checkpoint(self, config, keys: list[str]) -> None:
+        """Raises ValueError when the tensor names ``keys`` of a checkpoint do not fit its
+        ``config`` in a way transformers would load silently wrong. Nothing by default."""
 
     # -- where things are ---------------------------------------------------------------------
 
@@ -146,12 +191,12 @@ def adapter_for(model_type: str) -> ModelAdapter:
     if adapter is None:
         names = sorted({a.name for a in _REGISTRY.values()})
         raise ValueError(
-            f"no VisionSelector adapter for model_type {model_type!r}; registered: "
-            f"{registered_model_types()} (names {names})"
+            f"no VisionSelector adapter for model_type {model_type!r}; supported model_types: "
+            f"{registered_model_types()} (adapter names {names})"
         )
     return adapter
 
 
 def _load_builtin_adapters() -> None:
     # Importing an adapter module registers it; they import transformers lazily.
-    from vsops.integrations import llava_ov_1_5, qwen2_5_vl  # noqa: F401
+    from vsops.integrations import llava_ov_1_5, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401

@@ -14,11 +14,8 @@ length.
 """
 from __future__ import annotations
 
-from torch import nn
-
 from vsops.integrations.adapter import ModelAdapter, register_adapter
-from vsops.integrations.patching import apply_visionselector
-from vsops.integrations.runtime import VisionSelector
+from vsops.integrations.patching import named_entry_point
 
 __all__ = ["apply_visionselector_to_llava_ov_1_5", "LlavaOneVision1_5Adapter"]
 
@@ -41,22 +38,8 @@ class LlavaOneVision1_5Adapter(ModelAdapter):
 
 ADAPTER = register_adapter(LlavaOneVision1_5Adapter())
 
-
-def apply_visionselector_to_llava_ov_1_5(
-    model: nn.Module,
-    *,
-    budget: float = 0.2,
-    scope: str = "sample",
-    proj_dim: int | None = None,
-    packed: bool | None = None,
-    method=None,
-) -> VisionSelector:
-    """Puts VisionSelector into a loaded LLaVA-OneVision-1.5
-    (``LLaVAOneVision1_5_ForConditionalGeneration`` or its ``LLaVAOneVision1_5_Model``):
-    :func:`vsops.integrations.apply_visionselector` with this model's adapter. The model must
-    be an instance (remote code has no classes to patch before loading)."""
-    if model is None:
-        ADAPTER.classes()  # the error that says why, and what to do instead
-    ADAPTER.split(model)
-    return apply_visionselector(model, model_type=ADAPTER.name, budget=budget, scope=scope, proj_dim=proj_dim,
-                                packed=packed, method=method)
+apply_visionselector_to_llava_ov_1_5 = named_entry_point(ADAPTER, """Puts VisionSelector into a loaded
+    LLaVA-OneVision-1.5 (``LLaVAOneVision1_5_ForConditionalGeneration`` or its
+    ``LLaVAOneVision1_5_Model``): :func:`vsops.integrations.apply_visionselector` with this
+    model's adapter. The model must be an instance (remote code has no classes to patch before
+    loading: None is a ValueError saying so).""")

@@ -10,7 +10,7 @@ from torch import nn
 from vsops.integrations.adapter import adapter_for
 from vsops.integrations.patching import attach
 
-__all__ = ["from_pretrained", "SCORER_PREFIXES", "scorer_weights", "read_scorer_weights"]
+__all__ = ["from_pretrained", "SCORER_PREFIXES", "scorer_weights", "read_scorer_weights", "checkpoint_keys"]
 
 # Qwen2.5-VL's published checkpoints (transformers 4.50 layout) and LLaVA-OneVision-1.5's
 # (and every checkpoint saved by transformers 4.52+).
@@ -27,36 +27,50 @@ def scorer_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {}
 
 
-def read_scorer_weights(path, **hub_kwargs) -> dict[str, torch.Tensor]:
-    """The scorer's tensors of a checkpoint (a directory or hub id with ``model.safetensors``
-    or a sharded ``model.safetensors.index.json``), reading only those tensors; empty when the
-    checkpoint has no scorer."""
+def checkpoint_keys(path, **hub_kwargs) -> dict[str, list[str]]:
+    """The tensor names of a checkpoint (a directory or hub id with ``model.safetensors`` or a
+    sharded ``model.safetensors.index.json``) by the file that holds them, empty when it has
+    neither (e.g. ``pytorch_model.bin`` only); reads the index or the file's header only."""
     from safetensors import safe_open
-    from transformers.utils import cached_file
 
-    def resolve(name):
-        return cached_file(str(path), name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-
-    index = resolve("model.safetensors.index.json")
+    index = _resolve(path, "model.safetensors.index.json", hub_kwargs)
     if index is not None:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         files: dict[str, list[str]] = {}
-        for key in weight_map:
-            if key.startswith(SCORER_PREFIXES):
-                files.setdefault(weight_map[key], []).append(key)
-    else:
-        single = resolve("model.safetensors")
-        if single is None:
-            raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
-        with safe_open(single, "pt") as f:
-            files = {"model.safetensors": [k for k in f.keys() if k.startswith(SCORER_PREFIXES)]}
+        for key, name in weight_map.items():
+            files.setdefault(name, []).append(key)
+        return files
+    single = _resolve(path, "model.safetensors", hub_kwargs)
+    if single is None:
+        return {}
+    with safe_open(single, "pt") as f:
+        return {"model.safetensors": list(f.keys())}
+
+
+def read_scorer_weights(path, keys: dict[str, list[str]] | None = None, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """The scorer's tensors of a checkpoint (see :func:`checkpoint_keys`, whose answer ``keys``
+    may be passed), reading only those tensors; empty when the checkpoint has no scorer. A
+    ValueError when it has no safetensors."""
+    from safetensors import safe_open
+
+    if keys is None:
+        keys = checkpoint_keys(path, **hub_kwargs)
+    if not keys:
+        raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
     tensors = {}
-    for name, keys in files.items():
-        if keys:
-            with safe_open(resolve(name), "pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in keys})
+    for name, names in keys.items():
+        wanted = [k for k in names if k.startswith(SCORER_PREFIXES)]
+        if wanted:
+            with safe_open(_resolve(path, name, hub_kwargs), "pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in wanted})
     return scorer_weights(tensors)
+
+
+def _resolve(path, name: str, hub_kwargs: dict):
+    from transformers.utils import cached_file
+
+    return cached_file(str(path), name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
 
 
 def from_pretrained(
@@ -76,7 +90,9 @@ def from_pretrained(
     ``device_map``, ``attn_implementation``, ...), applies the selector and loads the scorer
     weights from the checkpoint's safetensors (single file or sharded) under
     ``visual.importance_scorer.*`` or ``model.visual.importance_scorer.*``. The scorer's
-    projection size is the checkpoint's.
+    projection size is the checkpoint's. A checkpoint whose tensors do not fit its config in a
+    way transformers would load silently wrong (e.g. Qwen3-VL's deepstack mergers) is a
+    ValueError, before the load.
 
     Args:
         path: a checkpoint directory (or hub id).
@@ -103,8 +119,10 @@ def from_pretrained(
     hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
     config = AutoConfig.from_pretrained(path, trust_remote_code=hf_kwargs.get("trust_remote_code", False), **hub)
     adapter = adapter_for(config.model_type)
+    keys = checkpoint_keys(path, **hub)
+    adapter.check_checkpoint(config, [k for names in keys.values() for k in names])
     # A training-free method selects without the scorer; it is attached (initialized) all the same.
-    weights = read_scorer_weights(path, **hub) if learned else {}
+    weights = read_scorer_weights(path, keys, **hub) if learned else {}
     if not weights and learned and not allow_missing_scorer:
         raise ValueError(
             f"{path} holds no scorer weights (keys under {SCORER_PREFIXES}); pass allow_missing_scorer=True "

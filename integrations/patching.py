@@ -21,7 +21,7 @@ from vsops.integrations.vision_attention import VisionAttentionCapture
 from vsops.methods import VISION_ATTENTION
 from vsops.scorer import LearnableImportanceScorer
 
-__all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_applied", "image_ids"]
+__all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_applied", "image_ids", "named_entry_point"]
 
 BUDGET_KEYWORD = "visionselector_budget"
 SCORER_ATTRIBUTE = "importance_scorer"  # on the vision tower: the published checkpoints' key
@@ -80,6 +80,31 @@ def apply_visionselector(
     return attach(adapter, model, settings)
 
 
+def named_entry_point(adapter: ModelAdapter, doc: str):
+    """``apply_visionselector_to_<adapter.name>`` (Liger-Kernel's convention): the arguments of
+    :func:`apply_visionselector`, for this adapter's models only (a TypeError naming its classes
+    for any other module), or with None for its transformers classes. ``doc`` is its docstring."""
+
+    def entry_point(
+        model: nn.Module | None = None,
+        *,
+        budget: float = 0.2,
+        scope: str = "sample",
+        proj_dim: int | None = None,
+        packed: bool | None = None,
+        method=None,
+    ) -> VisionSelector | None:
+        if model is not None:
+            adapter.split(model)
+        return apply_visionselector(model, model_type=adapter.name, budget=budget, scope=scope, proj_dim=proj_dim,
+                                    packed=packed, method=method)
+
+    entry_point.__name__ = entry_point.__qualname__ = f"apply_visionselector_to_{adapter.name}"
+    entry_point.__module__ = type(adapter).__module__
+    entry_point.__doc__ = doc
+    return entry_point
+
+
 def attach(adapter: ModelAdapter, model: nn.Module, settings: dict) -> VisionSelector:
     """:func:`apply_visionselector` on an instance whose adapter is known."""
     top, inner = adapter.split(model)
@@ -132,6 +157,8 @@ def image_ids(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, 
     (int64 ``[B, L]``, -1 elsewhere), and the number of images and videos.
 
     Each kind's features fill its placeholders in row-major order, as the models scatter them.
+    An item's placeholders may be split by text (Qwen3-VL writes a timestamp before each video
+    frame) but not by another item's.
     """
     ids = torch.full_like(input_ids, -1)
     offset = 0
@@ -146,18 +173,21 @@ def image_ids(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, 
             raise ValueError(f"{grid_name} describes {item.numel()} {kind} tokens but input_ids has {int(where.sum())}")
         ids[where] = item
         offset += len(per_item)
-    # Renumbered in order of appearance: a new image starts where the id changes.
+    # Renumbered in order of appearance: a new item starts where the id changes along the
+    # visual tokens.
     flat = ids.reshape(-1)
-    previous = torch.cat([flat.new_full((1,), -1), flat[:-1]])
-    starts = (flat >= 0) & (flat != previous)
+    visual = flat >= 0
+    along = flat[visual]
+    starts = torch.cat([along.new_ones(min(1, along.numel()), dtype=torch.bool), along[1:] != along[:-1]])
     runs = int(starts.sum())
     if runs != offset:
         raise ValueError(
             f"the {offset} images and videos of the grids fill {runs} runs of placeholder tokens: each image or "
-            "video's placeholders must be consecutive"
+            "video's placeholders must come together, not interleaved with another's"
         )
-    ordinal = torch.cumsum(starts, 0) - 1
-    return torch.where(flat >= 0, ordinal, -1).view_as(ids), offset
+    out = torch.full_like(flat, -1)
+    out[visual] = torch.cumsum(starts, 0) - 1
+    return out.view_as(ids), offset
 
 
 def _adapter_of(model: nn.Module, model_type: str | None) -> ModelAdapter:
@@ -212,6 +242,7 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
         packed=settings["packed"],
         position_rows=adapter.position_rows,
         method=settings["method"],
+        token_inputs=adapter.token_inputs,
     )
     language_model = adapter.language_model(inner)
     selector.vision_capture = VisionAttentionCapture(adapter, adapter.vision_tower(inner), selector)
@@ -272,8 +303,9 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
         ids, items = image_ids(adapter, inner, input_ids, kwargs)
     capture = selector.vision_capture
     reads_tower = capture is not None and VISION_ATTENTION in selector.method.needs
+    cache = kwargs.get("past_key_values")
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training,
-                        kinds=kinds if reads_tower else None)
+                        kinds=kinds if reads_tower else None, cached=cache.get_seq_length() if cache is not None else 0)
     if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders):
         capture.clear()  # the tower runs inside this forward
     return args, kwargs

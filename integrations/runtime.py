@@ -1,6 +1,8 @@
 """Model-agnostic VisionSelector runtime: score the visual tokens a language model is about to
 see, then either prune them (inference) or scale them by the soft mask (training), and keep the
-pruned KV cache and the attention mask of later decode steps in agreement.
+pruned KV cache and the attention mask of later decode steps in agreement. The language model's
+other per-token inputs that an adapter declares (``token_inputs``, e.g. Qwen3-VL's deepstack
+features) follow the kept tokens, and in training the soft mask.
 
 The hooks of :mod:`vsops.integrations.patching` tell the selector, per forward call, which
 tokens are visual (:meth:`VisionSelector.begin_call`, from what a model's adapter declares),
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
 from vsops.budget import budget_to_k, check_budget
 from vsops.difftopk import constraint_loss, difftopk
+from vsops.integrations.adapter import TOKENS, VISUAL_ROWS
 from vsops.methods import (
     VISION_ATTENTION,
     ScoringMethod,
@@ -155,6 +159,9 @@ class VisionSelector:
             is used), True (same, but raise when that is impossible) or False (always pad).
         position_rows: rows of the rope position ids the language model takes (3 for M-RoPE,
             1 for plain RoPE); set by the model's adapter.
+        token_inputs: the language model's other per-token inputs that follow the kept
+            tokens, by name, with their layout (``"tokens"`` or ``"visual_rows"``, see
+            :attr:`vsops.integrations.ModelAdapter.token_inputs`); set by the model's adapter.
         vision_capture: what reads the vision tower's attention for methods that need it
             (:class:`~vsops.integrations.vision_attention.VisionAttentionCapture`); set by the
             integration, None where there is none.
@@ -169,9 +176,15 @@ class VisionSelector:
         packed: bool | None = None,
         position_rows: int = 1,
         method=None,
+        token_inputs: Mapping[str, str] | None = None,
     ):
         if position_rows not in (1, 3):
             raise ValueError(f"position_rows must be 1 or 3, got {position_rows!r}")
+        token_inputs = dict(token_inputs or {})
+        for name, layout in token_inputs.items():
+            if layout not in (TOKENS, VISUAL_ROWS):
+                raise ValueError(f"token_inputs[{name!r}] must be {TOKENS!r} or {VISUAL_ROWS!r}, got {layout!r}")
+        self.token_inputs = token_inputs
         self.scorer = scorer
         self.method = method
         self.budget = budget
@@ -254,7 +267,7 @@ class VisionSelector:
     # -- per-call protocol -------------------------------------------------------------------
 
     def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False,
-                   kinds=None) -> None:
+                   kinds=None, cached: int = 0) -> None:
         """Called by the integration before the multimodal forward: which tokens are visual.
 
         Args:
@@ -270,11 +283,19 @@ class VisionSelector:
             kinds: int64 ``[B, L]``, the kind of visual input of each token (an index the
                 :attr:`vision_capture` knows), -1 elsewhere; needed by methods that read the
                 vision tower's attention.
+            cached: the tokens the call's KV cache holds already. Visual tokens are pruned at
+                prefill only: a call that brings some to a non-empty cache is a ValueError.
         """
         self.last = None
         if visual_mask is None:
             self._call = None
             return
+        if cached and bool(visual_mask.any()):
+            raise ValueError(
+                f"input_ids hold {int(visual_mask.sum())} image or video placeholder tokens but past_key_values "
+                f"already holds {cached} tokens: VisionSelector selects visual tokens at prefill only; start from "
+                "an empty cache (past_key_values=None) for a prompt with images or videos"
+            )
         budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
@@ -308,11 +329,7 @@ class VisionSelector:
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         if past > 0:
-            if call is not None and call.visual_mask.shape[1] > 0 and bool(call.visual_mask.any()):
-                raise ValueError(
-                    "VisionSelector cannot add visual tokens to a non-empty cache; start a new cache "
-                    "for a prompt with images or videos"
-                )
+            # begin_call refused visual tokens on a non-empty cache
             return self._decode_inputs(kwargs, cache, past)
         if call is None:
             return kwargs
@@ -325,6 +342,7 @@ class VisionSelector:
         if sum(counts.visual) == 0:
             return kwargs
         visual = select_and_pack(call.visual_mask, embeds, counts=counts.visual)
+        visual_rows = self._visual_rows(kwargs, visual.indices.numel())
         segments = counts.segments()
         cu = cu_seqlens_from_counts(segments, embeds.device)
         method = self.method
@@ -346,7 +364,8 @@ class VisionSelector:
                 image_index=self._image_index(call) if call.scope == "image" else None,
             )
             if call.training:
-                return self._soft_inputs(kwargs, call, scores, self._segment_k(segments, call, cu), cu, keep, visual)
+                k = self._segment_k(segments, call, cu)
+                return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual, visual_rows)
         elif call.budget == 1.0:
             # Every token stays: the method is not asked (nor the vision tower's attention read).
             keep = torch.ones_like(call.visual_mask)
@@ -361,7 +380,12 @@ class VisionSelector:
                 kwargs = {**kwargs, "inputs_embeds": rows.view_as(embeds)}
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
-        return self._pruned_inputs(kwargs, config, keep, counts.kept(call.budget))
+        lengths = counts.kept(call.budget)
+        out = self._pruned_inputs(kwargs, config, keep, lengths)
+        if visual_rows:
+            kept_visual = sum(lengths) - (sum(counts.real) - sum(counts.visual))
+            out.update(self._kept_visual_rows(visual_rows, keep, visual.indices, kept_visual))
+        return out
 
     # -- the pieces ----------------------------------------------------------------------------
 
@@ -406,7 +430,40 @@ class VisionSelector:
         first = ids.masked_fill(ids < 0, call.items).amin(1, keepdim=True)
         return torch.where(call.visual_mask, ids - first, -1)
 
-    def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, keep, visual) -> dict:
+    def _visual_rows(self, kwargs, visual_tokens: int) -> dict:
+        """The language model's :data:`VISUAL_ROWS` inputs of this call, each checked to hold
+        one row per visual token."""
+        found = {}
+        for name, layout in self.token_inputs.items():
+            value = kwargs.get(name)
+            if layout != VISUAL_ROWS or value is None:
+                continue
+            for tensor in _tensors_of(value):
+                if tensor.shape[0] != visual_tokens:
+                    raise ValueError(
+                        f"the language model's {name} has {tensor.shape[0]} rows, but the call has {visual_tokens} "
+                        "visual tokens (placeholders outside the padding): its rows must follow them one to one"
+                    )
+            found[name] = value
+        return found
+
+    @staticmethod
+    def _kept_visual_rows(visual_rows: dict, keep, indices, kept: int) -> dict:
+        """The :data:`VISUAL_ROWS` inputs reduced to the rows of the kept visual tokens
+        (``kept`` of them, a host count), every tensor of every input in one pack."""
+        tensors = [t for value in visual_rows.values() for t in _tensors_of(value)]
+        device = tensors[0].device
+        kept_visual = keep.reshape(-1).index_select(0, indices).to(device).view(1, -1)
+        packed = select_and_pack(kept_visual, *(t.reshape(1, t.shape[0], -1) for t in tensors), counts=[kept]).tensors
+        out, start = {}, 0
+        for name, value in visual_rows.items():
+            parts = _tensors_of(value)
+            rows = [p.view(kept, *t.shape[1:]) for p, t in zip(packed[start : start + len(parts)], parts)]
+            out[name] = _like(value, rows)
+            start += len(parts)
+        return out
+
+    def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, keep, visual, visual_rows: dict) -> dict:
         soft = difftopk(scores, k, cu_seqlens=cu)
         factor = unpack(soft, visual.indices, visual.batch, visual.length, fill=1.0)
         embeds = kwargs["inputs_embeds"]
@@ -416,7 +473,12 @@ class VisionSelector:
             hard_mask=keep & call.visual_mask,
             constraint_loss=constraint_loss(soft, keep.reshape(-1).index_select(0, visual.indices)),
         )
-        return {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype)}
+        out = {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype)}
+        # A softly dropped token's rows are scaled as its embedding is: inference drops both.
+        for name, value in visual_rows.items():
+            out[name] = _like(value, [t * soft.to(t.device, t.dtype).view(-1, *(1,) * (t.dim() - 1))
+                                      for t in _tensors_of(value)])
+        return out
 
     def _use_packed(self, kwargs, config) -> bool:
         use_cache = _resolved_use_cache(kwargs, config)
@@ -447,18 +509,24 @@ class VisionSelector:
         # gaps that the detection would read as sequence starts.
         positions = positions[-rows:].expand(rows, b, length)
         out = dict(kwargs)
+        # The per-token inputs follow the kept tokens in the same pass.
+        names = [n for n, layout in self.token_inputs.items() if layout == TOKENS and kwargs.get(n) is not None]
+        per_token = [kwargs[n] for n in names]
         if self._use_packed(kwargs, config):
-            packed = select_and_pack(keep, embeds, positions, counts=lengths)
+            packed = select_and_pack(keep, embeds, positions, *per_token, counts=lengths)
             out["inputs_embeds"] = packed.tensors[0].unsqueeze(0)
             out["position_ids"] = packed.tensors[1].unsqueeze(1) if rows > 1 else packed.tensors[1]
+            out.update({n: t.unsqueeze(0) for n, t in zip(names, packed.tensors[2:])})
             out["attention_mask"] = None
             out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = packed.cu_seqlens
             out["max_length_q"] = out["max_length_k"] = packed.max_seqlen
             self.last = Selection(keep=keep, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen, lengths=lengths)
         else:
-            padded = select_and_pad(keep, embeds, positions, padding_side="left", pad_values=(0, 1), counts=lengths)
-            out["inputs_embeds"], padded_positions = padded.tensors
+            padded = select_and_pad(keep, embeds, positions, *per_token, padding_side="left",
+                                    pad_values=(0, 1, *(0,) * len(per_token)), counts=lengths)
+            out["inputs_embeds"], padded_positions = padded.tensors[:2]
             out["position_ids"] = padded_positions if rows > 1 else padded_positions[0]
+            out.update(zip(names, padded.tensors[2:]))
             out["attention_mask"] = mask = padded.attention_mask
             self.last = Selection(keep=keep, lengths=lengths)
             cache = kwargs.get("past_key_values")
@@ -510,6 +578,18 @@ class VisionSelector:
         if position is not None:
             out["cache_position"] = position - shift
         return out
+
+
+def _tensors_of(value) -> list[torch.Tensor]:
+    """A :data:`VISUAL_ROWS` input's tensors: the tensor, or those of a list or tuple."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _like(value, tensors: list[torch.Tensor]):
+    """``tensors`` in the container of ``value`` (a tensor, list or tuple)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(tensors)
+    return tensors[0]
 
 
 def _checked(chosen, method, x, k, cu) -> Selected:

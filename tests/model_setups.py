@@ -42,19 +42,31 @@ class ModelSetup:
         return self.name
 
 
-def _qwen_model(attn="sdpa", seed=0, **config):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from vsops.integrations.testing import tiny_qwen2_5_vl_config
+def _qwen_model(model_type, attn="sdpa", seed=0, **config):
+    from vsops.integrations import adapter_for
+    from vsops.integrations.testing import tiny_qwen_vl_config
 
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(attn_implementation=attn, **config)).eval()
+    model_cls = adapter_for(model_type).classes()[1]
+    return model_cls(tiny_qwen_vl_config(model_type, attn_implementation=attn, **config)).eval()
 
 
-def _qwen_batch(prompts, seed=1):
-    from vsops.integrations.testing import qwen2_5_vl_batch
+def _qwen_batch(model_type, prompts, seed=1):
+    from vsops.integrations.testing import qwen_vl_batch
 
-    return qwen2_5_vl_batch(prompts, seed=seed)
+    return qwen_vl_batch(prompts, model_type, seed=seed)
+
+
+def _qwen_unavailable(model_type) -> str | None:
+    if TRANSFORMERS_VERSION is None:
+        return "transformers is not installed"
+    from vsops.integrations import adapter_for
+
+    try:
+        adapter_for(model_type).classes()
+    except ImportError as e:
+        return str(e)
+    return None
 
 
 def _qwen_decode_positions(model, longer, token):
@@ -88,18 +100,25 @@ def _llava_batch(prompts, seed=1):
     return llava_ov_1_5_batch(prompts, seed=seed)
 
 
-SETUPS = [
-    ModelSetup(
-        name="qwen2_5_vl",
-        make_model=_qwen_model,
-        make_batch=_qwen_batch,
+def _qwen_setup(model_type: str) -> ModelSetup:
+    return ModelSetup(
+        name=model_type,
+        make_model=functools.partial(_qwen_model, model_type),
+        make_batch=functools.partial(_qwen_batch, model_type),
         lm_positions=lambda rows: rows[:, None],
         decode_positions=_qwen_decode_positions,
         # Pruning changes which sample is longest: sample 0 loses 12 of its 25 tokens, sample
         # 1 (7 of padding) 3 of its 18, so the pruned cache's padding differs from the caller's.
         generate_prompts=[[3, ("image", 8, 8), 4], [10, ("image", 4, 4), 2]],
-        skip=None if TRANSFORMERS_VERSION else "transformers is not installed",
-    ),
+        skip=_qwen_unavailable(model_type),
+    )
+
+
+SETUPS = [
+    _qwen_setup("qwen2_5_vl"),
+    _qwen_setup("qwen2_vl"),
+    _qwen_setup("qwen3_vl"),
+    _qwen_setup("qwen3_vl_moe"),
     ModelSetup(
         name="llava_ov_1_5",
         make_model=_llava_model,

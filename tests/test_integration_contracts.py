@@ -11,6 +11,7 @@ runs on 4.57 only.
 """
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -71,11 +72,14 @@ def visual_mask(batch):
 
 
 def capture_language_model_inputs(model, batch, rows):
-    """inputs_embeds and rope positions ``[rows, B, L]`` the unpatched model hands its language model."""
+    """inputs_embeds, rope positions ``[rows, B, L]`` and the other per-token inputs its adapter
+    declares (Qwen3-VL's deepstack features), as the unpatched model hands them its language model."""
     seen = {}
+    names = vsops.integrations.adapter_for(model.config.model_type).token_inputs
 
     def hook(module, args, kwargs):
         seen.update(embeds=kwargs["inputs_embeds"], positions=kwargs.get("position_ids"))
+        seen["extra"] = {name: kwargs[name] for name in names if kwargs.get(name) is not None}
 
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
@@ -87,24 +91,40 @@ def capture_language_model_inputs(model, batch, rows):
         positions = torch.arange(length).expand(rows, b, length)
     elif positions.dim() == 2:
         positions = positions.unsqueeze(0)
-    return seen["embeds"], positions[-rows:].expand(rows, b, length)
+    return seen["embeds"], positions[-rows:].expand(rows, b, length), seen["extra"]
+
+
+def item_runs(batch):
+    """Per sample, the positions of each image's or video's placeholders in order (a Qwen3-VL
+    video's frames are apart, each after its timestamp), from the grids: every tiny model
+    merges 2 x 2 patches into a token."""
+    ids = batch["input_ids"]
+    sizes = {
+        TOKENS[kind]: iter((batch[f"{kind}_grid_thw"].prod(-1) // 4).tolist() if f"{kind}_grid_thw" in batch else [])
+        for kind in ("image", "video")
+    }
+    out = []
+    for row in ids:
+        where = ((row == TOKENS["image"]) | (row == TOKENS["video"])).nonzero().squeeze(1)
+        runs, start = [], 0
+        while start < where.numel():
+            n = next(sizes[int(row[where[start]])])
+            runs.append(where[start : start + n])
+            start += n
+        out.append(runs)
+    return out
 
 
 def reference_keep(model, embeds, batch, budget, scope="sample"):
-    """Top-k of Eq. 2 computed with the N x N matrix, per sample (or per image: a run of
-    consecutive placeholders), ties to the lower index."""
+    """Top-k of Eq. 2 computed with the N x N matrix, per sample (or per image or video),
+    ties to the lower index."""
     scorer = scorer_of(model)
     visual = visual_mask(batch)
     keep = ~visual & batch["attention_mask"].bool()
-    for b in range(visual.shape[0]):
-        where = visual[b].nonzero().squeeze(1)
-        if where.numel() == 0:
+    for b, items in enumerate(item_runs(batch)):
+        if not items:
             continue
-        if scope == "image":
-            runs = torch.tensor_split(where, (where.diff() != 1).nonzero().squeeze(1) + 1)
-        else:
-            runs = [where]
-        for run in runs:
+        for run in items if scope == "image" else [torch.cat(items)]:
             _keep_top(keep[b], run, embeds[b, run], scorer, budget)
     return keep
 
@@ -141,9 +161,25 @@ def test_budget_one_gives_the_unpatched_logits(setup, attn):
     torch.testing.assert_close(out.logits[real], expected[real], rtol=0, atol=0)
 
 
-def assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions):
+def kept_inputs(extra, keep, visual, b):
+    """Sample ``b``'s per-token inputs ``extra`` reduced to its ``keep [L]`` by hand: a
+    ``[B, L]`` tensor (Qwen3-VL's visual_pos_masks) to ``[1, kept]``; a list of tensors with one
+    row per visual token of the batch in order (its deepstack features) to the kept ones'."""
+    out = {}
+    first = int(visual[:b].sum())
+    rows = slice(first, first + int(visual[b].sum()))
+    for name, value in extra.items():
+        if isinstance(value, torch.Tensor) and value.shape[:2] == visual.shape:
+            out[name] = value[b, keep][None]
+        else:
+            out[name] = [t[rows][keep[visual[b]]] for t in value]
+    return out
+
+
+def assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions, extra):
     """``out.logits`` of each sample = the unpatched ``model``'s language model run on the
-    kept tokens' ``embeds`` at their ``positions [R, B, L]``."""
+    kept tokens' ``embeds`` at their ``positions [R, B, L]``, with the kept tokens' share of
+    its other per-token inputs ``extra``."""
     keep, real = out.visionselector.keep, batch["attention_mask"].bool()
     assert out.logits.shape[1] < batch["input_ids"].shape[1]
     for b in range(keep.shape[0]):
@@ -157,6 +193,7 @@ def assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch,
                 position_ids=setup.lm_positions(positions[:, b, chosen]),
                 attention_mask=torch.ones(1, n, dtype=torch.long),
                 use_cache=False,
+                **kept_inputs(extra, chosen, visual_mask(batch), b),
             ).last_hidden_state
             by_hand = model.lm_head(hidden)[0]
         torch.testing.assert_close(out.logits[b, -n:], by_hand, rtol=1e-5, atol=1e-5)
@@ -171,23 +208,20 @@ def test_pruned_logits_equal_the_language_model_fed_by_hand(setup, attn):
     with torch.no_grad():
         out = pmodel(**batch)
     rows = pmodel.visionselector.position_rows
-    embeds, positions = capture_language_model_inputs(model, batch, rows)
+    embeds, positions, extra = capture_language_model_inputs(model, batch, rows)
     torch.testing.assert_close(out.visionselector.keep, reference_keep(pmodel, embeds, batch, budget), rtol=0, atol=0)
-    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
+    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions, extra)
 
 
 def visual_segments(batch, scope):
     """int32 offsets of the segments of the batch's packed visual tokens (row-major): one per
-    sample with visual tokens, or one per image (a run of consecutive placeholders)."""
+    sample with visual tokens, or one per image or video."""
     lengths = []
-    for row in visual_mask(batch):
-        where = row.nonzero().squeeze(1)
-        if where.numel() == 0:
-            continue
+    for items in item_runs(batch):
         if scope == "image":
-            lengths += [len(run) for run in torch.tensor_split(where, (where.diff() != 1).nonzero().squeeze(1) + 1)]
-        else:
-            lengths.append(where.numel())
+            lengths += [len(run) for run in items]
+        elif items:
+            lengths.append(sum(len(run) for run in items))
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
@@ -201,7 +235,7 @@ def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope)
     assert pmodel.visionselector.method.name == method
     with torch.no_grad():
         out = pmodel(**batch)
-    embeds, positions = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
+    embeds, positions, extra = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
     visual = visual_mask(batch)
     cu = visual_segments(batch, scope)
     k = [vsops.budget_to_k(int(n), budget) for n in cu.diff()]
@@ -215,7 +249,7 @@ def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope)
     else:
         expected[visual] = getattr(vsops.methods, method)(embeds[visual], k, cu_seqlens=cu)
     torch.testing.assert_close(out.visionselector.keep, expected, rtol=0, atol=0)
-    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
+    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions, extra)
 
 
 def test_visionzip_generates_and_reads_the_tower_only_when_asked(setup, monkeypatch):
@@ -267,10 +301,10 @@ def test_a_method_may_replace_the_kept_tokens_embeddings(setup):
     pmodel = patched(model, budget=0.25, method=Halved())
     with torch.no_grad():
         out = pmodel(**batch)
-    embeds, positions = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
+    embeds, positions, extra = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
     visual = visual_mask(batch)
     embeds = torch.where(visual.unsqueeze(-1), embeds / 2, embeds)
-    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions)
+    assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch, out, embeds, positions, extra)
 
 
 def test_a_method_keeping_the_wrong_count_is_refused(setup):
@@ -315,7 +349,7 @@ def test_scope_image_keeps_a_budget_per_image(setup, prompts):
     with torch.no_grad():
         out = pmodel(**batch)
     keep, ids = out.visionselector.keep, batch["input_ids"]
-    embeds, _ = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
+    embeds, _, _ = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
     torch.testing.assert_close(keep, reference_keep(pmodel, embeds, batch, 0.25, scope="image"), rtol=0, atol=0)
     image, video = ids == TOKENS["image"], ids == TOKENS["video"]
     # A sample with an image of 8 tokens and a video of 8 keeps 2 of each, not 4 of the union.
@@ -443,6 +477,33 @@ def test_soft_mask_gradients_reach_the_scorer_and_nothing_else(setup):
             assert p.grad is None, name
 
 
+def test_training_scales_each_visual_token_and_its_rows_by_the_soft_mask(setup):
+    """Every token reaches the language model, each visual one scaled by its soft-mask factor,
+    and so is each row of the inputs with one row per visual token (Qwen3-VL's deepstack
+    features: a softly dropped token must not keep its whole deepstack share, which inference
+    removes)."""
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    embeds, _, extra = capture_language_model_inputs(model, batch, 1)
+    adapter = vsops.integrations.adapter_for(setup.name)
+    assert set(extra) == set(adapter.token_inputs)  # what the adapter declares, the model hands over
+    pmodel = patched(model, budget=0.25)
+    pmodel.train()
+    seen = {}
+    pmodel.model.language_model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        soft = pmodel(**batch).visionselector.soft_mask
+    visual = visual_mask(batch)
+    assert 0 < soft[visual].min() < soft[visual].max() < 1
+    torch.testing.assert_close(seen["inputs_embeds"], embeds * soft.unsqueeze(-1), rtol=0, atol=0)
+    for name, value in extra.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(seen[name], value, rtol=0, atol=0)
+        else:
+            for got, rows in zip(seen[name], value, strict=True):
+                torch.testing.assert_close(got, rows * soft[visual].unsqueeze(-1), rtol=0, atol=0)
+
+
 def test_constraint_loss_is_bce_of_soft_against_hard(setup):
     model = patched(setup.make_model(), budget=0.25)
     model.train()
@@ -532,6 +593,33 @@ def test_apply_and_revert_on_an_instance(setup):
         torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)
 
 
+def test_the_named_entry_point_and_the_class_patch(setup):
+    adapter = vsops.integrations.adapter_for(setup.name)
+    entry_point = getattr(vsops.integrations, f"apply_visionselector_to_{setup.name}")
+    top_name, inner_name = adapter.class_names()
+    with pytest.raises(TypeError, match=top_name):
+        entry_point(torch.nn.Linear(2, 2))
+    inner = setup.make_model().model
+    assert entry_point(inner) is inner.visionselector  # the multimodal model alone
+    if adapter.remote_code:
+        with pytest.raises(ValueError, match="remote code"):
+            entry_point(None)
+        return
+    batch = setup.make_batch(PROMPTS)
+    for patch in (lambda: entry_point(budget=0.3), lambda: apply_visionselector(model_type=setup.name, budget=0.3)):
+        patch()
+        try:
+            assert is_visionselector_applied()
+            model = setup.make_model()
+            assert is_visionselector_applied(model) and model.visionselector.budget == 0.3
+            with torch.no_grad():
+                assert model(**batch).logits.shape[1] < batch["input_ids"].shape[1]
+            assert hasattr(adapter.classes()[0](model.config).visual, "importance_scorer")  # the multimodal class too
+        finally:
+            revert_visionselector()
+        assert not is_visionselector_applied() and not is_visionselector_applied(setup.make_model())
+
+
 def test_bad_input_gives_clear_errors(setup):
     model = setup.make_model()
     with pytest.raises(ValueError, match="budget"):
@@ -556,6 +644,16 @@ def test_bad_input_gives_clear_errors(setup):
     with pytest.raises(ValueError, match="packed=True"):
         model.visionselector.packed = True
         model(**batch, use_cache=False)
+
+
+def test_images_on_a_non_empty_cache_are_refused(setup):
+    model = patched(setup.make_model(), budget=0.25)
+    with torch.no_grad():
+        cache = model(**setup.make_batch([[5]])).past_key_values
+    batch = setup.make_batch(PROMPTS[:1])
+    with pytest.raises(ValueError, match="input_ids hold 16 image or video placeholder tokens but past_key_values "
+                                         "already holds 5 tokens"), torch.no_grad():
+        model(**batch, past_key_values=cache)
 
 
 def test_outputs_survive_a_pytree_round_trip(setup):
@@ -664,8 +762,16 @@ def test_registry_errors_name_what_is_wrong(tmp_path):
 
     from vsops.integrations import adapter_for, apply_visionselector_to_llava_ov_1_5
 
-    with pytest.raises(ValueError, match="no VisionSelector adapter for model_type 'llama'"):
+    with pytest.raises(ValueError, match="no VisionSelector adapter for model_type 'llama'") as error:
         adapter_for("llama")
+    supported = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llavaonevision1_5"}
+    assert set(vsops.integrations.registered_model_types()) == supported
+    assert all(repr(name) in str(error.value) for name in supported)  # the message lists them
+    # a model of a family without an adapter (Qwen3.5, for one)
+    unsupported = torch.nn.Module()
+    unsupported.config = types.SimpleNamespace(model_type="qwen3_5")
+    with pytest.raises(ValueError, match=r"model_type 'qwen3_5'; supported model_types: \['llavaonevision1_5', 'qwen2_5_vl'"):
+        apply_visionselector(unsupported)
     with pytest.raises(ValueError, match="model_type"):
         apply_visionselector(model_type="llama")
     with pytest.raises(ValueError, match="give the model to patch, or model_type"):

@@ -55,7 +55,8 @@ def vision_attention_by_hand(setup, model, batch):
         ),
         tower.merger.register_forward_hook(lambda m, args, out: merged.append(out)),
         tower.register_forward_hook(
-            lambda m, args, out: calls.append(getattr(out, "pooler_output", out))
+            # transformers 5: an output with pooler_output; 4.57's Qwen3-VL: (merged, deepstack)
+            lambda m, args, out: calls.append(out[0] if isinstance(out, tuple) else getattr(out, "pooler_output", out))
         ),
     ]
     with torch.no_grad():

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--out", default="show.png", help="the PNG written (default show.png)")
     show.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     commands.add_parser("info", help="versions, compiled and importable backends, backend per device")
+    from vsops.benchmarks.prefill import MODELS as PREFILL_MODELS
+
     bench = commands.add_parser(
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
     )
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     bench.add_argument(
-        "--model", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava_ov_1_5"],
+        "--model", default="qwen2_5_vl", choices=list(PREFILL_MODELS),
         help="prefill: the model family of the end-to-end table (default: qwen2_5_vl)",
     )
     bench.add_argument("--plot", metavar="DIR", help="also write each table as a PNG into DIR")
@@ -189,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
             for path in plot_tables([table], args.plot, "pytest-benchmark"):
                 print(path)
             return 0
-        if args.model == "llava_ov_1_5" and args.op in ("all", "prefill"):
-            from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason
+        if args.op in ("all", "prefill"):
+            from vsops.benchmarks.prefill import transformers_available, unavailable_reason
 
-            if unavailable_reason():
-                parser.error(f"--model llava_ov_1_5: {unavailable_reason()}")
+            # Without transformers the prefill table says it is skipped; with it, a model the
+            # installed version cannot build is the option's error.
+            if transformers_available() and unavailable_reason(args.model):
+                parser.error(f"--model {args.model}: {unavailable_reason(args.model)}")
         _with_malloc_tunables(argv)
         dtype = getattr(torch, args.dtype)
         from vsops import benchmarks

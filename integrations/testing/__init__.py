@@ -11,15 +11,27 @@ from vsops.integrations.testing.llava_ov_1_5 import (
     tiny_llava_ov_1_5_config,
 )
 from vsops.integrations.testing.prompts import TEXT_IDS, TOKENS, PromptLayout, multimodal_batch
-from vsops.integrations.testing.qwen2_5_vl import QWEN2_5_VL_LAYOUT, qwen2_5_vl_batch, tiny_qwen2_5_vl_config
+from vsops.integrations.testing.qwen_vl import (
+    QWEN2_5_VL_LAYOUT,
+    QWEN3_VL_LAYOUT,
+    QWEN_VL_MODEL_TYPES,
+    qwen2_5_vl_batch,
+    qwen_vl_batch,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen_vl_config,
+)
 
 __all__ = [
     "TOKENS",
     "TEXT_IDS",
     "PromptLayout",
     "multimodal_batch",
+    "QWEN_VL_MODEL_TYPES",
     "QWEN2_5_VL_LAYOUT",
+    "QWEN3_VL_LAYOUT",
+    "tiny_qwen_vl_config",
     "tiny_qwen2_5_vl_config",
+    "qwen_vl_batch",
     "qwen2_5_vl_batch",
     "LLAVA_OV_1_5_LAYOUT",
     "tiny_llava_ov_1_5_config",

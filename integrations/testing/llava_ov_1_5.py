@@ -89,7 +89,7 @@ def tiny_llava_ov_1_5_config(
     vocab_size: int = 128,
 ) -> dict:
     """The ``config.json`` content (a dict) of a tiny LLaVA-OV-1.5: the keywords of
-    :func:`~vsops.integrations.testing.qwen2_5_vl.tiny_qwen2_5_vl_config` but the attention
+    :func:`~vsops.integrations.testing.qwen_vl.tiny_qwen2_5_vl_config` but the attention
     implementation, which transformers takes from ``from_pretrained`` only (it overrides a
     ``config.json`` entry), see :func:`make_tiny_llava_ov_1_5`.
 

@@ -4,7 +4,9 @@ A prompt is a list of items: an int ``n`` (n random text tokens), ``("image", h,
 of ``h x w`` patches) or ``("video", t, h, w)`` (t frames of ``h x w`` patches); ``h`` and ``w``
 are multiples of the model's spatial merge size and ``t`` of its temporal patch size. Each image
 or video becomes ``<vision_start> <placeholder> * (t'*h*w / merge**2) <vision_end>`` with
-``t' = t / temporal_patch_size``, the layout of the Qwen2-VL processor family.
+``t' = t / temporal_patch_size``, the layout of the Qwen2-VL processor family; with
+``PromptLayout.timestamp_tokens`` set, each of a video's ``t'`` frames is a block of its own
+preceded by that many text tokens, as Qwen3-VL's processor writes a timestamp before each frame.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class PromptLayout:
         spatial_merge_size: the merger folds ``merge x merge`` patches into one token.
         tokens: ids of ``pad``, ``image``, ``video``, ``vision_start`` and ``vision_end``.
         text_ids: ``[low, high)`` range of the random text tokens.
+        timestamp_tokens: None: a video is one block of placeholders; an int: each frame is
+            its own block, after that many random text tokens (Qwen3-VL's timestamps).
     """
 
     patch_dim: int
@@ -39,6 +43,7 @@ class PromptLayout:
     spatial_merge_size: int
     tokens: Mapping[str, int]
     text_ids: tuple[int, int] = TEXT_IDS
+    timestamp_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("patch_dim", "temporal_patch_size", "spatial_merge_size"):
@@ -51,6 +56,9 @@ class PromptLayout:
         low, high = self.text_ids
         if not 0 <= low < high:
             raise ValueError(f"text_ids must be a range [low, high) with 0 <= low < high, got {self.text_ids}")
+        stamps = self.timestamp_tokens
+        if stamps is not None and (not isinstance(stamps, int) or isinstance(stamps, bool) or stamps < 0):
+            raise ValueError(f"timestamp_tokens must be None or an int >= 0, got {stamps!r}")
 
 
 def _grid(item, layout: PromptLayout) -> tuple[int, int, int]:
@@ -112,7 +120,13 @@ def multimodal_batch(
             placeholder = tokens[item[0]]
             (images if item[0] == "image" else videos).append(grid)
             (pixels if item[0] == "image" else video_pixels).append(rows_of_patches)
-            ids += [tokens["vision_start"]] + [placeholder] * (t * h * w // merged) + [tokens["vision_end"]]
+            blocks, stamps = 1, []
+            if item[0] == "video" and layout.timestamp_tokens is not None:
+                blocks = t
+                stamps = torch.randint(*layout.text_ids, (t, layout.timestamp_tokens), generator=generator).tolist()
+            for block in range(blocks):
+                ids += stamps[block] if stamps else []
+                ids += [tokens["vision_start"]] + [placeholder] * (t * h * w // merged // blocks) + [tokens["vision_end"]]
         rows.append(ids)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tokens["pad"], dtype=torch.long)

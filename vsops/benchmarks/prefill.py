@@ -1,8 +1,9 @@
 """End-to-end prefill benchmark, shared by ``benchmarks/test_bench_prefill.py`` and ``vsops bench
 --op prefill [--model NAME]``: one forward over a prompt (``model(**batch, use_cache=False)``,
 eval mode, inference mode, sdpa attention) of a model built from a config with random weights
-(Qwen2.5-VL by default, or LLaVA-OneVision-1.5, of the same sizes), without VisionSelector and
-with it at budgets 1.0, 0.3, 0.2 and 0.1 (the same weights, patched once).
+(Qwen2.5-VL by default, or Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE or LLaVA-OneVision-1.5, of the same
+sizes), without VisionSelector and with it at budgets 1.0, 0.3, 0.2 and 0.1 (the same weights,
+patched once).
 
 The prompt is batch 1: 30 text tokens, one image of 88 x 92 patches (2,024 visual tokens between
 its vision-start and vision-end tokens), 30 text tokens; L = 2,086 tokens. Per row:
@@ -33,8 +34,16 @@ from typing import Callable, TextIO
 
 import torch
 
+from vsops.integrations.testing.qwen_vl import QWEN_VL_MODEL_TYPES
+
 BUDGETS = (1.0, 0.3, 0.2, 0.1)
-MODELS = {"qwen2_5_vl": "Qwen2.5-VL", "llava_ov_1_5": "LLaVA-OneVision-1.5"}
+MODELS = {
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "qwen3_vl_moe": "Qwen3-VL-MoE",
+    "llava_ov_1_5": "LLaVA-OneVision-1.5",
+}
 PROMPT = (30, ("image", 88, 92), 30)
 # About 1 s of unpatched prefill on 2 CPU threads, a third of it in the vision tower, which sees
 # the 8,096 patches before the 2 x 2 merge (in Qwen2.5-VL-7B, roughly a quarter of the FLOPs).
@@ -56,17 +65,37 @@ def transformers_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
+def unavailable_reason(model: str) -> str | None:
+    """Why ``model`` (a key of :data:`MODELS`) cannot be built here (the installed transformers
+    lacks it; LLaVA-OV-1.5 also needs lmms-engine and transformers 4.x), or None."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    if not transformers_available():
+        return "transformers is not installed"
+    if model == "llava_ov_1_5":
+        from vsops.integrations.testing.llava_ov_1_5 import unavailable_reason as llava_reason
+
+        return llava_reason()
+    from vsops.integrations import adapter_for
+
+    try:
+        adapter_for(model).classes()
+    except ImportError as e:
+        return str(e)
+    return None
+
+
 def build_model(device, dtype=torch.float32, seed: int = 0, model: str = "qwen2_5_vl") -> torch.nn.Module:
     """A model of :data:`MODEL_SIZES` (``model``: a key of :data:`MODELS`), random weights,
     eval mode. LLaVA-OneVision-1.5 is remote code: it is saved to a temporary directory with
     its code and loaded from there, as a user loads the published checkpoint."""
-    if model == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        from vsops.integrations.testing import tiny_qwen2_5_vl_config
+    if model in QWEN_VL_MODEL_TYPES:
+        from vsops.integrations import adapter_for
+        from vsops.integrations.testing import tiny_qwen_vl_config
 
         torch.manual_seed(seed)
-        built = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**MODEL_SIZES, attn_implementation="sdpa"))
+        config = tiny_qwen_vl_config(model, **MODEL_SIZES, attn_implementation="sdpa")
+        built = adapter_for(model).classes()[1](config)
     elif model == "llava_ov_1_5":
         import tempfile
 
@@ -89,7 +118,10 @@ def make_batch(device, dtype=torch.float32, seed: int = 0, model: str = "qwen2_5
 
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
-    batch = getattr(testing, f"{model}_batch")([list(PROMPT)], seed=seed)
+    if model in QWEN_VL_MODEL_TYPES:
+        batch = testing.qwen_vl_batch([list(PROMPT)], model, seed=seed)
+    else:
+        batch = getattr(testing, f"{model}_batch")([list(PROMPT)], seed=seed)
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     return {name: t.to(device) for name, t in batch.items()}
 
