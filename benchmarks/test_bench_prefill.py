@@ -1,6 +1,6 @@
 """End-to-end prefill benchmarks (pytest-benchmark): random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
-Qwen3-VL-MoE and LLaVA-OneVision-1.5 of the same sizes (the last on transformers 4.x, with
-lmms-engine's model code) on one prompt of 2,024 visual and 60 text tokens, unpatched and with
+Qwen3.5 (5.x), their MoE variants and LLaVA-OneVision-1.5 of the same sizes (the last on
+transformers 4.x, with lmms-engine's model code) on one prompt of 2,024 visual and 60 text tokens, unpatched and with
 VisionSelector at each budget.
 
     python -m pytest benchmarks/test_bench_prefill.py --benchmark-only

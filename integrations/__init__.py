@@ -1,7 +1,7 @@
 """Hugging Face model integrations of VisionSelector (installed as ``vsops.integrations``).
 
 One model-agnostic runtime (:mod:`.runtime`), one short adapter per model family
-(:mod:`.qwen2_vl`, :mod:`.qwen2_5_vl`, :mod:`.qwen3_vl`, :mod:`.llava_ov_1_5`), registered by ``config.model_type``::
+(:mod:`.qwen2_vl`, :mod:`.qwen2_5_vl`, :mod:`.qwen3_vl`, :mod:`.qwen3_5`, :mod:`.llava_ov_1_5`), registered by ``config.model_type``::
 
     from vsops.integrations import apply_visionselector, from_pretrained
     apply_visionselector(model, budget=0.2)                 # any registered model
@@ -16,6 +16,7 @@ from vsops.integrations.loading import from_pretrained
 from vsops.integrations.patching import apply_visionselector, is_visionselector_applied, revert_visionselector
 from vsops.integrations.qwen2_5_vl import apply_visionselector_to_qwen2_5_vl
 from vsops.integrations.qwen2_vl import apply_visionselector_to_qwen2_vl
+from vsops.integrations.qwen3_5 import apply_visionselector_to_qwen3_5, apply_visionselector_to_qwen3_5_moe
 from vsops.integrations.qwen3_vl import apply_visionselector_to_qwen3_vl, apply_visionselector_to_qwen3_vl_moe
 from vsops.integrations.runtime import Selection, VisionSelector, register_varlen_attention
 from vsops.integrations.varlen_attention import register_reference_varlen_attention, varlen_reference_attention
@@ -29,6 +30,8 @@ __all__ = [
     "apply_visionselector_to_qwen2_5_vl",
     "apply_visionselector_to_qwen3_vl",
     "apply_visionselector_to_qwen3_vl_moe",
+    "apply_visionselector_to_qwen3_5",
+    "apply_visionselector_to_qwen3_5_moe",
     "apply_visionselector_to_llava_ov_1_5",
     "registered_model_types",
     "adapter_for",

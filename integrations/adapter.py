@@ -46,6 +46,8 @@ class ModelAdapter:
             list of tensors ``[V, ...]`` with one row per visual token in row-major order
             (gathered with the kept visual tokens; in training scaled by each token's soft
             mask), e.g. Qwen3-VL's ``visual_pos_masks`` and ``deepstack_visual_embeds``.
+        unpackable: why the language model cannot take packed sequences (the selector then pads,
+            and ``packed=True`` is a ValueError saying so); empty when it can.
     """
 
     name: str = ""
@@ -58,6 +60,7 @@ class ModelAdapter:
     min_transformers: tuple[int, int] = (4, 52)
     vision_class_token: bool = False
     token_inputs: dict[str, str] = {}
+    unpackable: str = ""
 
     # -- recognizing the model ----------------------------------------------------------------
 
@@ -199,4 +202,4 @@ def adapter_for(model_type: str) -> ModelAdapter:
 
 def _load_builtin_adapters() -> None:
     # Importing an adapter module registers it; they import transformers lazily.
-    from vsops.integrations import llava_ov_1_5, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401
+    from vsops.integrations import llava_ov_1_5, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl  # noqa: F401

@@ -243,6 +243,7 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
         position_rows=adapter.position_rows,
         method=settings["method"],
         token_inputs=adapter.token_inputs,
+        unpackable=adapter.unpackable,
     )
     language_model = adapter.language_model(inner)
     selector.vision_capture = VisionAttentionCapture(adapter, adapter.vision_tower(inner), selector)

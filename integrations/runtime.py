@@ -162,6 +162,8 @@ class VisionSelector:
         token_inputs: the language model's other per-token inputs that follow the kept
             tokens, by name, with their layout (``"tokens"`` or ``"visual_rows"``, see
             :attr:`vsops.integrations.ModelAdapter.token_inputs`); set by the model's adapter.
+        unpackable: why the language model cannot take packed sequences (then the kept tokens
+            are always re-padded), empty when it can; set by the model's adapter.
         vision_capture: what reads the vision tower's attention for methods that need it
             (:class:`~vsops.integrations.vision_attention.VisionAttentionCapture`); set by the
             integration, None where there is none.
@@ -177,6 +179,7 @@ class VisionSelector:
         position_rows: int = 1,
         method=None,
         token_inputs: Mapping[str, str] | None = None,
+        unpackable: str = "",
     ):
         if position_rows not in (1, 3):
             raise ValueError(f"position_rows must be 1 or 3, got {position_rows!r}")
@@ -185,6 +188,7 @@ class VisionSelector:
             if layout not in (TOKENS, VISUAL_ROWS):
                 raise ValueError(f"token_inputs[{name!r}] must be {TOKENS!r} or {VISUAL_ROWS!r}, got {layout!r}")
         self.token_inputs = token_inputs
+        self.unpackable = unpackable
         self.scorer = scorer
         self.method = method
         self.budget = budget
@@ -484,6 +488,10 @@ class VisionSelector:
         use_cache = _resolved_use_cache(kwargs, config)
         varlen = getattr(config, "_attn_implementation", None) in VARLEN_ATTENTION
         if self.packed is False:
+            return False
+        if self.unpackable:
+            if self.packed:
+                raise ValueError(f"packed=True is not possible on this model: {self.unpackable}")
             return False
         possible = varlen and not use_cache and kwargs.get("past_key_values") is None
         if self.packed and not possible:

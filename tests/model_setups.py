@@ -119,6 +119,8 @@ SETUPS = [
     _qwen_setup("qwen2_vl"),
     _qwen_setup("qwen3_vl"),
     _qwen_setup("qwen3_vl_moe"),
+    _qwen_setup("qwen3_5"),
+    _qwen_setup("qwen3_5_moe"),
     ModelSetup(
         name="llava_ov_1_5",
         make_model=_llava_model,

@@ -1,8 +1,8 @@
 """`vsops train --data ... --model DIR` on tiny model directories of every model family it is
-tested with (LLaVA-OneVision-1.5: remote code; Qwen3-VL: deepstack features), each with its
-tokenizer and image processor saved beside it: the scorer trains, the loss goes down, and
-torchrun with 2 processes equals 1 process. LLaVA-OV-1.5 runs on transformers 4.57 (the
-model's code line), Qwen3-VL on 4.57 and 5.x."""
+tested with (LLaVA-OneVision-1.5: remote code; Qwen3-VL: deepstack features; Qwen3.5: linear
+attention), each with its tokenizer and image processor saved beside it: the scorer trains, the
+loss goes down, and torchrun with 2 processes equals 1 process. LLaVA-OV-1.5 runs on
+transformers 4.57 (the model's code line), Qwen3-VL on 4.57 and 5.x, Qwen3.5 on 5.x."""
 import json
 import os
 import subprocess
@@ -21,7 +21,7 @@ from vsops.training.jsonl import export_synthetic  # noqa: E402
 from vsops.training.synthetic import SyntheticTask  # noqa: E402
 
 KEYS = {f"visual.importance_scorer.{p}_proj.{w}" for p in "qk" for w in ("weight", "bias")}
-MODELS = ["llava_ov_1_5", "qwen3_vl"]
+MODELS = ["llava_ov_1_5", "qwen3_vl", "qwen3_5"]
 
 
 def _image_processor(temporal_patch_size):

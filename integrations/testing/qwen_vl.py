@@ -1,9 +1,9 @@
-"""Small random models of the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE
-variant) built from configs (no hub access), and their batches.
+"""Small random models of the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and their
+MoE variants) built from configs (no hub access), and their batches.
 
 Patch size 4, spatial merge 2, temporal patch size 2: a pixel row holds ``3 * 2 * 4 * 4 = 96``
 values; prompts as in :mod:`vsops.integrations.testing.prompts`, a Qwen3-VL video with a
-2-token timestamp before each frame, as its processor writes them.
+2-token timestamp before each frame, as its processor writes them (Qwen3.5 too).
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ _MODELS = {
     "qwen2_5_vl": ("Qwen2_5_VLConfig", QWEN2_5_VL_LAYOUT),
     "qwen3_vl": ("Qwen3VLConfig", QWEN3_VL_LAYOUT),
     "qwen3_vl_moe": ("Qwen3VLMoeConfig", QWEN3_VL_LAYOUT),
+    "qwen3_5": ("Qwen3_5Config", QWEN3_VL_LAYOUT),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", QWEN3_VL_LAYOUT),
 }
 QWEN_VL_MODEL_TYPES = tuple(_MODELS)
 
@@ -53,7 +55,10 @@ def tiny_qwen_vl_config(
 
     Qwen3-VL: interleaved M-RoPE, deepstack features from every vision block (one per language
     layer at most), a learned position grid of 8 x 8; the MoE variant has 4 experts of
-    ``intermediate_size // 2``, 2 per token.
+    ``intermediate_size // 2``, 2 per token. Qwen3.5: Qwen3-VL's tower without deepstack, and
+    language layers alternating Gated DeltaNet (linear attention: 2 key heads, ``heads`` value
+    heads of head dim) and full attention, rope over the whole head; its MoE variant has the
+    same experts and a shared one of ``intermediate_size // 2``.
     """
     if model_type not in _MODELS:
         raise ValueError(f"model_type must be one of {QWEN_VL_MODEL_TYPES}, got {model_type!r}")
@@ -89,13 +94,23 @@ def tiny_qwen_vl_config(
     if qwen3:
         text.update(rope_scaling={"rope_type": "default", "mrope_section": [4 * quarter, 2 * quarter, 2 * quarter],
                                   "mrope_interleaved": True})
-        if model_type == "qwen3_vl":
-            text.update(head_dim=head_dim)
-        else:
-            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2,
-                        decoder_sparse_step=1)
         vision.update(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, out_hidden_size=hidden_size,
-                      num_position_embeddings=64, deepstack_visual_indexes=list(range(min(vision_depth, layers))))
+                      num_position_embeddings=64)
+        moe = model_type.endswith("_moe")
+        if moe:
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2)
+        if model_type.startswith("qwen3_5"):
+            text["rope_scaling"]["partial_rotary_factor"] = 1.0
+            text.update(head_dim=head_dim, layer_types=["linear_attention" if i % 2 == 0 else "full_attention"
+                                                         for i in range(layers)],
+                        linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, linear_num_key_heads=2,
+                        linear_num_value_heads=heads)
+            if moe:  # experts and a shared expert instead of one MLP
+                del text["intermediate_size"]
+                text.update(shared_expert_intermediate_size=intermediate_size // 2)
+        else:
+            text.update(decoder_sparse_step=1) if moe else text.update(head_dim=head_dim)
+            vision.update(deepstack_visual_indexes=list(range(min(vision_depth, layers))))
     else:
         text.update(rope_scaling={"type": "mrope", "mrope_section": [2 * quarter, 3 * quarter, 3 * quarter]})
     if model_type == "qwen2_vl":

@@ -1,8 +1,8 @@
 """End-to-end prefill benchmark, shared by ``benchmarks/test_bench_prefill.py`` and ``vsops bench
 --op prefill [--model NAME]``: one forward over a prompt (``model(**batch, use_cache=False)``,
 eval mode, inference mode, sdpa attention) of a model built from a config with random weights
-(Qwen2.5-VL by default, or Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE or LLaVA-OneVision-1.5, of the same
-sizes), without VisionSelector and with it at budgets 1.0, 0.3, 0.2 and 0.1 (the same weights,
+(Qwen2.5-VL by default, or Qwen2-VL, Qwen3-VL, Qwen3.5, their MoE variants or
+LLaVA-OneVision-1.5, of the same sizes), without VisionSelector and with it at budgets 1.0, 0.3, 0.2 and 0.1 (the same weights,
 patched once).
 
 The prompt is batch 1: 30 text tokens, one image of 88 x 92 patches (2,024 visual tokens between
@@ -42,6 +42,8 @@ MODELS = {
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
     "qwen3_vl_moe": "Qwen3-VL-MoE",
+    "qwen3_5": "Qwen3.5",
+    "qwen3_5_moe": "Qwen3.5-MoE",
     "llava_ov_1_5": "LLaVA-OneVision-1.5",
 }
 PROMPT = (30, ("image", 88, 92), 30)
