@@ -1,15 +1,17 @@
-"""What a patched model returns: its output class extended with the selection, and the
-language-model loss on the labels of the kept tokens."""
+"""What a patched model returns: its output class extended with the selection, the
+language-model loss on the labels of the kept tokens, and an MoE model's router balance loss
+over the tokens its language model saw."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
 from vsops.integrations.runtime import Selection
 from vsops.varlen import select_and_pad
 
-__all__ = ["attach_selection", "causal_lm_loss"]
+__all__ = ["attach_selection", "causal_lm_loss", "replaced", "router_balance_loss", "routes_experts"]
 
 
 def attach_selection(output, selection: Selection | None):
@@ -18,9 +20,22 @@ def attach_selection(output, selection: Selection | None):
     (DistributedDataParallel and torch.compile rebuild outputs from their class's fields)."""
     if selection is None or not hasattr(output, "keys"):
         return output
-    return _output_class(type(output))(
-        **output, visionselector=selection, constraint_loss=selection.constraint_loss
-    )
+    return replaced(output, _output_class(type(output)), visionselector=selection,
+                    constraint_loss=selection.constraint_loss)
+
+
+def replaced(output, cls=None, **changes):
+    """``output`` as a ``cls`` (its own class by default) with the fields ``changes``. Keys
+    that are not fields of the class (transformers 4.57 records e.g. ``router_logits`` into
+    outputs whose class lacks that field) are carried over as keys."""
+    cls = type(output) if cls is None else cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {**dict(output.items()), **changes}
+    out = cls(**{k: v for k, v in values.items() if k in fields})
+    for key, value in values.items():
+        if key not in fields:
+            out[key] = value
+    return out
 
 
 def _output_class(cls):
@@ -56,3 +71,22 @@ def causal_lm_loss(loss_function, logits, labels, selection: Selection | None, v
         shift[selection.cu_seqlens[1:].long() - 1] = -100
         shift = shift.unsqueeze(0)
     return loss_function(logits=logits, labels=None, shift_labels=shift, vocab_size=vocab_size)
+
+
+def routes_experts(model) -> bool:
+    """Whether ``model`` (a ``...ForConditionalGeneration``) adds its MoE routers' balance loss
+    to its output (transformers' ``load_balancing_loss_func`` of its module)."""
+    return _balance_function(model) is not None
+
+
+def router_balance_loss(model, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The model's router load-balancing loss (what transformers returns as ``aux_loss``) over
+    the tokens its language model saw: ``router_logits`` (one ``[tokens, experts]`` tensor per
+    MoE layer) with the language model's own ``attention_mask`` ``[B, L']`` (the pruned
+    layout's, or None for packed tokens); a float32 scalar."""
+    text = model.config.get_text_config()
+    return _balance_function(model)(router_logits, text.num_experts, text.num_experts_per_tok, attention_mask)
+
+
+def _balance_function(model):
+    return getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vsops.integrations.adapter import ModelAdapter, adapter_for
-from vsops.integrations.outputs import attach_selection, causal_lm_loss
+from vsops.integrations.outputs import attach_selection, causal_lm_loss, replaced, router_balance_loss, routes_experts
 from vsops.integrations.runtime import VisionSelector
 from vsops.integrations.vision_attention import VisionAttentionCapture
 from vsops.methods import VISION_ATTENTION
@@ -272,6 +272,8 @@ def _attach_top(model: nn.Module, selector: VisionSelector) -> None:
 
 def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     selector: VisionSelector = inner.visionselector
+    if selector.__dict__.get("_pending_router") is not None:
+        kwargs["output_router_logits"] = True  # the top model's balance loss is computed after it
     budget = kwargs.pop(BUDGET_KEYWORD, None)
     if budget is None:
         budget = selector.__dict__.pop("_pending_budget", None)
@@ -313,7 +315,11 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
 
 
 def _inner_post_hook(inner, args, output):
-    return attach_selection(output, inner.visionselector.end_call())
+    selector: VisionSelector = inner.visionselector
+    pending = selector.__dict__.get("_pending_router")
+    if pending is not None and hasattr(output, "keys"):
+        pending["router_logits"] = output.get("router_logits")
+    return attach_selection(output, selector.end_call())
 
 
 def _language_model_pre_hook(language_model, args, kwargs):
@@ -325,8 +331,8 @@ def _language_model_pre_hook(language_model, args, kwargs):
 def _top_pre_hook(model, args, kwargs):
     selector: VisionSelector = model.visionselector
     # What an earlier call left behind when it raised must not reach this one.
-    selector.__dict__.pop("_pending_labels", None)
-    selector.__dict__.pop("_pending_budget", None)
+    for pending in ("_pending_labels", "_pending_budget", "_pending_router"):
+        selector.__dict__.pop(pending, None)
     budget = kwargs.pop(BUDGET_KEYWORD, None)
     if budget is not None:
         selector.__dict__["_pending_budget"] = budget
@@ -337,6 +343,14 @@ def _top_pre_hook(model, args, kwargs):
         if kwargs.get("return_dict") is False:
             raise ValueError("with labels in eval mode the VisionSelector patch needs return_dict=True")
         selector.__dict__["_pending_labels"] = kwargs.pop("labels")
+    wants_router = kwargs.get("output_router_logits")
+    if wants_router is None:
+        wants_router = getattr(model.config.get_text_config(), "output_router_logits", False)
+    if wants_router and not model.training and routes_experts(model):
+        # The model would weigh the routers of the pruned tokens with the caller's unpruned
+        # attention mask; the balance loss is computed after the forward, on the pruned layout.
+        kwargs["output_router_logits"] = False
+        selector.__dict__["_pending_router"] = {"attention_mask": kwargs.get("attention_mask")}
     return args, kwargs
 
 
@@ -344,8 +358,26 @@ def _top_post_hook(model, args, output):
     selector: VisionSelector = model.visionselector
     selection = selector.last
     labels = selector.__dict__.pop("_pending_labels", None)
+    router = selector.__dict__.pop("_pending_router", None)
     if labels is not None and hasattr(output, "logits"):
         vocab = model.config.get_text_config().vocab_size
-        loss = causal_lm_loss(model.loss_function, output.logits, labels, selection, vocab)
-        output = type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+        output = replaced(output, loss=causal_lm_loss(model.loss_function, output.logits, labels, selection, vocab))
+    if router is not None and router.get("router_logits") is not None:
+        output = _with_router_balance_loss(model, output, router, selection, labels is not None)
     return attach_selection(output, selection)
+
+
+def _with_router_balance_loss(model, output, router: dict, selection, labelled: bool):
+    """``output`` with the MoE balance loss (``aux_loss``) over the tokens the language model
+    saw, added to the loss (by the config's coefficient) when there are labels, as transformers
+    does."""
+    if selection is not None and selection.keep is not None:
+        mask = selection.attention_mask  # None: packed, every token real
+    else:
+        mask = router["attention_mask"]
+    balance = router_balance_loss(model, router["router_logits"], mask)
+    changes = {"aux_loss": balance}
+    if labelled and output.get("loss") is not None:
+        coefficient = model.config.get_text_config().router_aux_loss_coef
+        changes["loss"] = output["loss"] + coefficient * balance.to(output["loss"].device)
+    return replaced(output, **changes)

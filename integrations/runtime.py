@@ -82,6 +82,8 @@ class Selection:
             to the language model packed; None when padded.
         lengths: the kept token count of each sample (the caller's padding is dropped; the
             kept tokens are re-padded on the left, or packed).
+        attention_mask: int64 ``[B, L']``: the language model's mask of the re-padded kept
+            tokens (inference); None when packed.
     """
 
     keep: torch.Tensor | None = None
@@ -92,6 +94,7 @@ class Selection:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     lengths: list[int] | None = None
+    attention_mask: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -536,7 +539,7 @@ class VisionSelector:
             out["position_ids"] = padded_positions if rows > 1 else padded_positions[0]
             out.update(zip(names, padded.tensors[2:]))
             out["attention_mask"] = mask = padded.attention_mask
-            self.last = Selection(keep=keep, lengths=lengths)
+            self.last = Selection(keep=keep, lengths=lengths, attention_mask=mask)
             cache = kwargs.get("past_key_values")
             if cache is None and _resolved_use_cache(kwargs, config):
                 # Made here rather than inside the language model, so that the decode steps on

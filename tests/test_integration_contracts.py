@@ -27,6 +27,7 @@ from vsops.integrations import (  # noqa: E402
     register_reference_varlen_attention,
     revert_visionselector,
 )
+from vsops.integrations.outputs import router_balance_loss, routes_experts  # noqa: E402
 from vsops.integrations.testing import TOKENS  # noqa: E402
 
 from model_setups import SETUPS  # noqa: E402
@@ -184,19 +185,27 @@ def assert_pruned_logits_are_the_language_model_fed_by_hand(setup, model, batch,
     assert out.logits.shape[1] < batch["input_ids"].shape[1]
     for b in range(keep.shape[0]):
         chosen = keep[b] & real[b]
-        n = int(chosen.sum())
+        hidden = language_model_by_hand(setup, model, batch, b, chosen, embeds, positions, extra).last_hidden_state
         with torch.no_grad():
-            # With an attention mask: without one, transformers reads the gaps in the kept
-            # tokens' positions as the starts of packed sequences.
-            hidden = model.model.language_model(
-                inputs_embeds=embeds[b, chosen][None],
-                position_ids=setup.lm_positions(positions[:, b, chosen]),
-                attention_mask=torch.ones(1, n, dtype=torch.long),
-                use_cache=False,
-                **kept_inputs(extra, chosen, visual_mask(batch), b),
-            ).last_hidden_state
             by_hand = model.lm_head(hidden)[0]
-        torch.testing.assert_close(out.logits[b, -n:], by_hand, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits[b, -int(chosen.sum()):], by_hand, rtol=1e-5, atol=1e-5)
+
+
+def language_model_by_hand(setup, model, batch, b, chosen, embeds, positions, extra, **options):
+    """The unpatched ``model``'s language model's output for sample ``b`` fed with the tokens
+    ``chosen [L]`` alone: their ``embeds``, ``positions [R, B, L]`` and share of ``extra``."""
+    n = int(chosen.sum())
+    with torch.no_grad():
+        # With an attention mask: without one, transformers reads the gaps in the kept
+        # tokens' positions as the starts of packed sequences.
+        return model.model.language_model(
+            inputs_embeds=embeds[b, chosen][None],
+            position_ids=setup.lm_positions(positions[:, b, chosen]),
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            use_cache=False,
+            **kept_inputs(extra, chosen, visual_mask(batch), b),
+            **options,
+        )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -424,6 +433,9 @@ def test_packed_path_equals_padded_path(setup):
     packed_model.visionselector.packed = True
     batch = setup.make_batch(PROMPTS)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    # An MoE model's balance loss too: over the packed tokens, with no padding to leave out.
+    if routes_experts(padded_model):
+        batch["output_router_logits"] = True
     with torch.no_grad():
         padded = padded_model(**batch, labels=labels, use_cache=False)
         if vsops.integrations.adapter_for(setup.name).unpackable:
@@ -444,6 +456,8 @@ def test_packed_path_equals_padded_path(setup):
     for b, row in enumerate(rows):
         torch.testing.assert_close(row, padded.logits[b, -counts[b]:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
+    if routes_experts(padded_model):
+        torch.testing.assert_close(packed.aux_loss, padded.aux_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_pruned_loss_uses_the_labels_of_the_kept_tokens(setup):
@@ -460,6 +474,31 @@ def test_pruned_loss_uses_the_labels_of_the_kept_tokens(setup):
         losses.append(torch.nn.functional.cross_entropy(out.logits[b, -n:-1], kept[1:], reduction="none"))
     expected = torch.cat(losses)[torch.cat([labels[b, keep[b]][1:] for b in range(keep.shape[0])]) != -100].mean()
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_moe_balance_loss_covers_the_tokens_the_language_model_saw(setup):
+    model = setup.make_model()
+    if not routes_experts(model):
+        pytest.skip("not a mixture-of-experts model")
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    pmodel = patched(model, budget=0.25)
+    with torch.no_grad():
+        unpatched = model(**batch, labels=labels, output_router_logits=True)
+        whole = pmodel(**batch, labels=labels, output_router_logits=True, visionselector_budget=1.0)
+        out = pmodel(**batch, labels=labels, output_router_logits=True)
+        without = pmodel(**batch, labels=labels)
+    torch.testing.assert_close(whole.aux_loss, unpatched.aux_loss, rtol=1e-5, atol=1e-6)
+    # The balance over the kept tokens: each sample's routers fed by hand, no padding.
+    embeds, positions, extra = capture_language_model_inputs(model, batch, pmodel.visionselector.position_rows)
+    keep, real = out.visionselector.keep, batch["attention_mask"].bool()
+    per_sample = [language_model_by_hand(setup, model, batch, b, keep[b] & real[b], embeds, positions, extra,
+                                         output_router_logits=True).router_logits for b in range(keep.shape[0])]
+    layers = tuple(torch.cat(parts) for parts in zip(*per_sample))
+    assert without.aux_loss is None
+    torch.testing.assert_close(out.aux_loss, router_balance_loss(model, layers, None), rtol=1e-5, atol=1e-6)
+    coefficient = model.config.get_text_config().router_aux_loss_coef
+    torch.testing.assert_close(out.loss, without.loss + coefficient * out.aux_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_soft_mask_gradients_reach_the_scorer_and_nothing_else(setup):
