@@ -37,6 +37,7 @@ from vsops.methods import (
     SelectionMethod,
     VisionSelectorMethod,
     make_method,
+    merge_rows,
 )
 from vsops.methods.registry import DEFAULT as DEFAULT_METHOD
 from vsops.varlen import (
@@ -385,6 +386,10 @@ class VisionSelector:
                 # The method's embeddings take the kept tokens' places before the gather.
                 rows = embeds.reshape(b * length, -1).index_copy(0, visual.indices, chosen.embeds.to(embeds.dtype))
                 kwargs = {**kwargs, "inputs_embeds": rows.view_as(embeds)}
+            if chosen.merged_into is not None:
+                # A merged token's other rows (deepstack features) merge as its embedding did.
+                visual_rows = {name: _like(value, [merge_rows(t, chosen.merged_into.to(t.device)) for t in _tensors_of(value)])
+                               for name, value in visual_rows.items()}
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
         lengths = counts.kept(call.budget)
@@ -622,6 +627,19 @@ def _checked(chosen, method, x, k, cu) -> Selected:
         raise ValueError(f"the {name!r} method kept {kept.tolist()} tokens per segment, not k = {k.tolist()}")
     if chosen.embeds is not None and chosen.embeds.shape != x.shape:
         raise ValueError(f"the {name!r} method's embeds must be {tuple(x.shape)}, got {tuple(chosen.embeds.shape)}")
+    into = chosen.merged_into
+    if into is not None:
+        if (not isinstance(into, torch.Tensor) or into.dtype != torch.long or into.shape != (x.shape[0],)
+                or into.device != x.device):
+            raise ValueError(f"the {name!r} method's merged_into must be int64 [{x.shape[0]}] on {x.device}, got "
+                             f"{getattr(into, 'dtype', type(into).__name__)} {tuple(getattr(into, 'shape', ()))}"
+                             f"{' on ' + str(into.device) if isinstance(into, torch.Tensor) else ''}")
+        sources = into >= 0
+        target = into.clamp(0, max(x.shape[0] - 1, 0))
+        wrong = (into < -1) | (into >= x.shape[0]) | (sources & (keep | ~keep[target] | (segment[target] != segment)))
+        if bool(wrong.any()):
+            raise ValueError(f"the {name!r} method's merged_into must map dropped tokens to kept tokens of their "
+                             "own segment (or -1)")
     return chosen
 
 

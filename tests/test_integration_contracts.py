@@ -10,6 +10,7 @@ CI runs this file under the current transformers 5.x and the last 4.x line (4.57
 runs on 4.57 only.
 """
 import copy
+import functools
 import math
 import types
 
@@ -234,13 +235,19 @@ def visual_segments(batch, scope):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
+# VisionZip with more contextual tokens than its default 0.05, which gives the tiny images'
+# 16 tokens none: 3 of the 4 kept tokens then merge the 12 dropped ones.
+METHOD_SETTINGS = {"visionzip": {"contextual_ratio": 0.2}}
+
+
 @pytest.mark.parametrize("scope", ["sample", "image"])
 @pytest.mark.parametrize("method", [m for m in vsops.methods.available() if m != "visionselector"])
 def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope):
     model = setup.make_model()
     batch = setup.make_batch(PROMPTS)
     budget = 0.25
-    pmodel = patched(model, budget=budget, scope=scope, method=method)
+    settings = METHOD_SETTINGS.get(method, {})
+    pmodel = patched(model, budget=budget, scope=scope, method=vsops.methods.make_method(method, **settings))
     assert pmodel.visionselector.method.name == method
     with torch.no_grad():
         out = pmodel(**batch)
@@ -251,10 +258,17 @@ def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope)
     expected = ~visual & batch["attention_mask"].bool()
     if vsops.methods.VISION_ATTENTION in vsops.methods.method_class(method).needs:
         received, keys = vision_attention_by_hand(setup, model, batch)
-        chosen = getattr(vsops.methods, method)(embeds[visual], k, received, keys, cu_seqlens=cu)
+        plain = functools.partial(getattr(vsops.methods, method), k=k, received=received, keys=keys,
+                                  cu_seqlens=cu, **settings)
+        chosen = plain(embeds[visual])
+        assert not settings or (chosen.merged_into >= 0).any()  # the merge is exercised
         expected[visual] = chosen.keep
         embeds = embeds.clone()
         embeds[visual] = chosen.embeds
+        # Rows per visual token (Qwen3-VL's deepstack features) merge as the embeddings do: the
+        # plain function run on them in place of the embeddings.
+        extra = {name: value if torch.is_tensor(value) and value.shape[:2] == visual.shape else
+                 [plain(t).embeds for t in value] for name, value in extra.items()}
     else:
         expected[visual] = getattr(vsops.methods, method)(embeds[visual], k, cu_seqlens=cu)
     torch.testing.assert_close(out.visionselector.keep, expected, rtol=0, atol=0)
@@ -327,6 +341,44 @@ def test_a_method_keeping_the_wrong_count_is_refused(setup):
 
     model = patched(setup.make_model(), budget=0.25, method=KeepsOne())
     with pytest.raises(ValueError, match="'test_keeps_one' method kept"), torch.no_grad():
+        model(**setup.make_batch(PROMPTS))
+
+
+class MergesBadly(vsops.methods.SelectionMethod):
+    """Keeps the first k tokens of each segment and says that the tokens merged as ``merge``
+    (a function of the segment offsets and the token count) says."""
+
+    name = "test_merges_badly"
+
+    def __init__(self, merge):
+        self.merge = merge
+
+    def select(self, x, k, cu_seqlens):
+        keep = torch.zeros(x.shape[0], dtype=torch.bool)
+        for start, count in zip(cu_seqlens[:-1].tolist(), k.tolist()):
+            keep[start : start + count] = True
+        return vsops.methods.Selected(keep, merged_into=self.merge(cu_seqlens.tolist(), x.shape[0]))
+
+
+def _into(pairs, total, dtype=torch.long):
+    into = torch.full((total,), -1, dtype=dtype)
+    for source, target in pairs:
+        into[source] = target
+    return into
+
+
+@pytest.mark.parametrize("merge, match", [
+    (lambda cu, n: _into([], n, torch.int32), "be int64"),
+    (lambda cu, n: _into([], n - 1), "be int64"),
+    (lambda cu, n: [-1] * n, "be int64"),
+    (lambda cu, n: _into([(cu[1] - 1, cu[1] - 2)], n), "to kept tokens"),  # into a dropped token
+    (lambda cu, n: _into([(0, 1)], n), "to kept tokens"),  # a kept token merged
+    (lambda cu, n: _into([(cu[1] - 1, cu[1])], n), "own segment"),  # into the next segment
+    (lambda cu, n: _into([(cu[1] - 1, n)], n), "own segment"),  # out of range
+])
+def test_a_method_merging_other_than_into_its_kept_tokens_is_refused(setup, merge, match):
+    model = patched(setup.make_model(), budget=0.25, method=MergesBadly(merge))
+    with pytest.raises(ValueError, match=f"'test_merges_badly' method's merged_into must .*{match}"), torch.no_grad():
         model(**setup.make_batch(PROMPTS))
 
 

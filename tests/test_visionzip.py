@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vsops
-from vsops.methods import VisionAttention, VisionZipMethod, visionzip
+from vsops.methods import VisionAttention, VisionZipMethod, merge_rows, visionzip
 from vsops.methods.visionzip import contextual_counts
 
 
@@ -84,6 +84,29 @@ def test_packed_segments_equal_each_segment_alone():
         alone = visionzip(x[start:end], ks[s], received[start:end], keys[start:end], contextual_ratio=0.1)
         assert torch.equal(chosen.keep[start:end], alone.keep)
         torch.testing.assert_close(chosen.embeds[start:end], alone.embeds)
+
+
+def test_merged_into_merges_any_rows_as_the_embeddings():
+    lengths, ks = [40, 0, 25], [10, 0, 7]
+    x, received, keys = tokens(sum(lengths), seed=8)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    chosen = visionzip(x, ks, received, keys, cu_seqlens=cu, contextual_ratio=0.1)
+    into = chosen.merged_into
+    assert into.dtype == torch.int64 and into.shape == (x.shape[0],)
+    # Dropped tokens join kept ones of their own segment; nothing joins a dominant token.
+    sources = (into >= 0).nonzero().squeeze(1)
+    assert sources.numel() > 0 and not chosen.keep[sources].any() and chosen.keep[into[sources]].all()
+    segment = torch.bucketize(torch.arange(x.shape[0]), cu[1:].long(), right=True)
+    assert torch.equal(segment[sources], segment[into[sources]])
+    torch.testing.assert_close(merge_rows(x, into), chosen.embeds, rtol=0, atol=0)
+    # The assignment reads the attention and keys only: other rows (e.g. a model's deepstack
+    # features, here [N, 2, 3] in float64) merge as VisionZip would merge them as embeddings.
+    other = torch.randn(x.shape[0], 2, 3, dtype=torch.float64)
+    as_embeds = visionzip(other.flatten(1), ks, received, keys, cu_seqlens=cu, contextual_ratio=0.1).embeds
+    torch.testing.assert_close(merge_rows(other, into), as_embeds.view_as(other))
+    torch.testing.assert_close(merge_rows(other[:, 0, 0], into), as_embeds[:, 0])
+    nothing = torch.full_like(into, -1)
+    assert torch.equal(merge_rows(other, nothing), other)
 
 
 def test_ties_go_to_the_lower_index_and_nan_ranks_last():

@@ -17,6 +17,7 @@ from vsops.methods.base import (
     Selected,
     SelectionMethod,
     VisionAttention,
+    merge_rows,
 )
 from vsops.methods.divprune import DivPruneMethod, divprune
 from vsops.methods.registry import available, make_method, method_class, register_method
@@ -39,6 +40,7 @@ __all__ = [
     "SelectionMethod",
     "ScoringMethod",
     "Selected",
+    "merge_rows",
     "VisionAttention",
     "VISUAL_TOKENS",
     "VISION_ATTENTION",

@@ -15,6 +15,7 @@ __all__ = [
     "VISUAL_TOKENS",
     "VISION_ATTENTION",
     "Selected",
+    "merge_rows",
     "VisionAttention",
     "SelectionMethod",
     "ScoringMethod",
@@ -37,10 +38,37 @@ class Selected:
         embeds: optionally ``[total, D]``, embeddings that replace those of the kept tokens
             (e.g. merged contextual tokens); rows of dropped tokens are ignored. None keeps the
             tokens' own embeddings.
+        merged_into: optionally int64 ``[total]``: for each dropped token that a kept token
+            absorbs, that kept token's index (in the same segment), -1 elsewhere; see
+            :func:`merge_rows`. The runtime merges the model's other rows per visual token
+            (Qwen3-VL's deepstack features) by it, so that they follow ``embeds``. None: those
+            rows stay the kept tokens' own.
     """
 
     keep: torch.Tensor
     embeds: torch.Tensor | None = None
+    merged_into: torch.Tensor | None = None
+
+
+def merge_rows(rows: torch.Tensor, merged_into: torch.Tensor) -> torch.Tensor:
+    """Rows merged as :attr:`Selected.merged_into` says: a token's row becomes its own plus the
+    mean of the rows of the tokens merged into it; every other row is unchanged.
+
+    Args:
+        rows: ``[total, ...]``, any float dtype.
+        merged_into: int64 ``[total]``, the absorbing token of each token or -1.
+
+    Returns:
+        A new tensor like ``rows``; the sums are taken in float32 (float64 for float64 rows).
+    """
+    sources = (merged_into >= 0).nonzero().squeeze(1)
+    targets = merged_into.index_select(0, sources)
+    flat = rows.flatten(1) if rows.dim() > 1 else rows.unsqueeze(1)
+    compute = torch.promote_types(rows.dtype, torch.float32)
+    sums = flat.new_zeros(flat.shape, dtype=compute).index_add_(0, targets, flat.index_select(0, sources).to(compute))
+    counts = flat.new_zeros(flat.shape[0], dtype=compute).index_add_(0, targets, sums.new_ones(sources.numel()))
+    merged = (flat.to(compute) + sums / counts.clamp_min(1).unsqueeze(1)).to(rows.dtype)
+    return torch.where((counts > 0).unsqueeze(1), merged, flat).view_as(rows)
 
 
 @dataclasses.dataclass

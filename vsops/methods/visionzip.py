@@ -7,7 +7,15 @@ import math
 import torch
 
 from vsops.difftopk import topk_mask
-from vsops.methods.base import VISION_ATTENTION, VISUAL_TOKENS, Selected, SelectionMethod, VisionAttention, segments_of
+from vsops.methods.base import (
+    VISION_ATTENTION,
+    VISUAL_TOKENS,
+    Selected,
+    SelectionMethod,
+    VisionAttention,
+    merge_rows,
+    segments_of,
+)
 from vsops.methods.registry import register_method
 from vsops.ops import validation
 from vsops.reference import TILE_ELEMENTS
@@ -41,7 +49,9 @@ class VisionZipMethod(SelectionMethod):
       (``vision.keys``) is most cosine-similar (ties to the lower target); a target's embedding
       becomes its own plus the mean of those that joined it (its own when none did).
     - kept: the dominant tokens and the targets, at their own positions; the targets carry the
-      merged embeddings (``Selected.embeds``), computed in float32.
+      merged embeddings (``Selected.embeds``), computed in float32, and say which tokens they
+      merged (``Selected.merged_into``), so that a model's other rows per visual token
+      (Qwen3-VL's deepstack features) are merged the same way.
 
     Where it differs from the published implementation (dvlab-research/VisionZip, and the
     Qwen2.5-VL / LLaVA-OV-1.5 ports shipped with the VisionSelector baselines):
@@ -85,38 +95,34 @@ class VisionZipMethod(SelectionMethod):
         contextual = contextual_counts(lengths, k, self.contextual_ratio)
         dominant = topk_mask(vision.received.float(), k - contextual, cu_seqlens=cu_seqlens)
         keep = dominant.clone()
-        embeds = x.clone()
+        merged_into = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         bounds = cu_seqlens.tolist()
         for s, c in enumerate(contextual.tolist()):
             if c > 0:
                 start, end = bounds[s], bounds[s + 1]
-                _merge_segment(x[start:end], vision.keys[start:end], dominant[start:end], c,
-                               keep[start:end], embeds[start:end])
-        return Selected(keep, embeds)
+                _assign_segment(vision.keys[start:end], dominant[start:end], c, keep[start:end],
+                                merged_into[start:end], start)
+        return Selected(keep, merge_rows(x, merged_into), merged_into)
 
     def __repr__(self) -> str:
         return f"VisionZipMethod(contextual_ratio={self.contextual_ratio})"
 
 
-def _merge_segment(x, keys, dominant, c, keep, embeds) -> None:
-    """Writes the targets into ``keep`` and their merged embeddings into ``embeds`` (views of
-    one segment)."""
+def _assign_segment(keys, dominant, c, keep, merged_into, start: int) -> None:
+    """Writes the targets into ``keep`` and, for every other remaining token, the target it
+    joins into ``merged_into`` (views of one segment starting at token ``start``)."""
     remaining = (~dominant).nonzero().squeeze(1)
     step = max(1, remaining.numel() // c)
-    chosen = torch.zeros(remaining.numel(), dtype=torch.bool, device=x.device)
-    chosen[torch.arange(0, remaining.numel(), step, device=x.device)[:c]] = True
+    chosen = torch.zeros(remaining.numel(), dtype=torch.bool, device=keys.device)
+    chosen[torch.arange(0, remaining.numel(), step, device=keys.device)[:c]] = True
     targets, others = remaining[chosen], remaining[~chosen]
     keep[targets] = True
-    merged = x[targets].float()
     if others.numel():
         unit = torch.nn.functional.normalize(keys.float(), dim=-1)
         target_unit = unit[targets]
         rows = max(1, TILE_ELEMENTS // c)
         assign = torch.cat([(unit[others[r : r + rows]] @ target_unit.T).argmax(1) for r in range(0, others.numel(), rows)])
-        sums = torch.zeros_like(merged).index_add_(0, assign, x[others].float())
-        counts = torch.bincount(assign, minlength=c).clamp_min(1).unsqueeze(1)
-        merged += sums / counts
-    embeds[targets] = merged.to(embeds.dtype)
+        merged_into[others] = start + targets[assign]
 
 
 def visionzip(
@@ -131,8 +137,9 @@ def visionzip(
     """:class:`VisionZipMethod` on ``x [N, D]`` (or packed ``[total, D]`` with int32
     ``cu_seqlens [S + 1]``), ``k`` an int or one per segment, with the attention each token
     receives (float ``[N]``) and its keys (``[N, d]``): a :class:`~vsops.methods.Selected` with
-    bool ``keep [N]`` (``k`` True per segment) and ``embeds [N, D]`` (the merged embeddings at
-    the contextual tokens, the tokens' own elsewhere)."""
+    bool ``keep [N]`` (``k`` True per segment), ``embeds [N, D]`` (the merged embeddings at
+    the contextual tokens, the tokens' own elsewhere) and int64 ``merged_into [N]`` (the
+    contextual token each merged token joined, -1 elsewhere)."""
     k, cu_seqlens = segments_of(x, k, cu_seqlens)
     for name, t, dims in (("received", received, 1), ("keys", keys, 2)):
         validation.check_float(t, name, like=("x", x))
