@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vsops.integrations.testing.prompts import TOKENS, PromptLayout, multimodal_batch
+from vsops.integrations.testing.sizes import MEDIA_IDS, SPECIAL_IDS, TinySizes
 
 __all__ = [
     "LLAVA_OV_1_5_LAYOUT",
@@ -77,75 +78,45 @@ def remote_code_dir() -> Path:
     return folder
 
 
-def tiny_llava_ov_1_5_config(
-    *,
-    hidden_size: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vision_hidden_size: int = 32,
-    vision_depth: int = 2,
-    vocab_size: int = 128,
-) -> dict:
-    """The ``config.json`` content (a dict) of a tiny LLaVA-OV-1.5: the keywords of
-    :func:`~vsops.integrations.testing.qwen_vl.tiny_qwen2_5_vl_config` but the attention
-    implementation, which transformers takes from ``from_pretrained`` only (it overrides a
-    ``config.json`` entry), see :func:`make_tiny_llava_ov_1_5`.
+def tiny_llava_ov_1_5_config(**sizes) -> dict:
+    """The ``config.json`` content (a dict) of a tiny LLaVA-OV-1.5 with the
+    :class:`~vsops.integrations.testing.sizes.TinySizes` ``sizes`` (keywords); the attention
+    implementation is not in it: transformers takes that from ``from_pretrained`` only (it
+    overrides a ``config.json`` entry), see :func:`make_tiny_llava_ov_1_5`.
 
     Language model: Qwen3 with head dim ``hidden_size // heads`` (even), 1-D RoPE (default
     type, theta 1e4), untied head. Vision: RICE of ``vision_depth`` blocks, 2 heads of
     ``vision_hidden_size // 2`` (a multiple of 4: 2-D RoPE), MLP ``2 * vision_hidden_size``,
     patch 4, merge 2, temporal patch 1, merged into ``hidden_size``. float32.
     """
-    sizes = dict(
-        hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads, intermediate_size=intermediate_size,
-        vision_hidden_size=vision_hidden_size, vision_depth=vision_depth, vocab_size=vocab_size,
-    )
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if hidden_size % heads or (hidden_size // heads) % 2:
-        raise ValueError(f"hidden_size // heads must be an even int, got {hidden_size} / {heads}")
-    if heads % kv_heads:
-        raise ValueError(f"heads must be a multiple of kv_heads, got {heads} and {kv_heads}")
-    if vision_hidden_size % 8:
-        raise ValueError(f"vision_hidden_size must be a multiple of 8 (2 heads, 2-D RoPE), got {vision_hidden_size}")
-    if vocab_size <= max(TOKENS.values()):
-        raise ValueError(f"vocab_size must exceed the special token ids ({max(TOKENS.values())}), got {vocab_size}")
-    special = dict(bos_token_id=TOKENS["bos"], eos_token_id=TOKENS["eos"], pad_token_id=TOKENS["pad"])
+    sizes = TinySizes(**sizes)
+    if sizes.head_dim % 2:
+        raise ValueError(f"hidden_size // heads must be an even int, got {sizes.hidden_size} / {sizes.heads}")
+    if sizes.vision_hidden_size % 8:
+        raise ValueError(f"vision_hidden_size must be a multiple of 8 (2 heads, 2-D RoPE), got {sizes.vision_hidden_size}")
     text = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden_size // heads,
+        **sizes.text_config(),
+        head_dim=sizes.head_dim,
         hidden_act="silu",
-        max_position_embeddings=32768,
         initializer_range=0.02,
         rms_norm_eps=1e-6,
-        rope_theta=10000.0,
         rope_scaling=None,
         attention_bias=False,
         attention_dropout=0.0,
         use_sliding_window=False,
         sliding_window=None,
-        max_window_layers=layers,
+        max_window_layers=sizes.layers,
         use_cache=True,
-        tie_word_embeddings=False,
         image_token_id=TOKENS["image"],
         video_token_id=TOKENS["video"],
-        **special,
     )
     vision = dict(
         model_type="rice_vit",
-        depth=vision_depth,
-        embed_dim=vision_hidden_size,
-        hidden_size=vision_hidden_size,
+        depth=sizes.vision_depth,
+        embed_dim=sizes.vision_hidden_size,
+        hidden_size=sizes.vision_hidden_size,
         hidden_act="gelu",
-        intermediate_size=2 * vision_hidden_size,
+        intermediate_size=2 * sizes.vision_hidden_size,
         num_heads=2,
         in_channels=3,
         patch_size=4,
@@ -153,7 +124,7 @@ def tiny_llava_ov_1_5_config(
         temporal_patch_size=LLAVA_OV_1_5_LAYOUT.temporal_patch_size,
         initializer_range=0.02,
         layer_norm_eps=1e-5,
-        text_hidden_size=hidden_size,
+        text_hidden_size=sizes.hidden_size,
     )
     return dict(
         architectures=["LLaVAOneVision1_5_ForConditionalGeneration"],
@@ -164,14 +135,11 @@ def tiny_llava_ov_1_5_config(
         model_type="llavaonevision1_5",
         text_config=text,
         vision_config=vision,
-        image_token_id=TOKENS["image"],
-        video_token_id=TOKENS["video"],
-        vision_start_token_id=TOKENS["vision_start"],
-        vision_end_token_id=TOKENS["vision_end"],
-        vocab_size=vocab_size,
+        **MEDIA_IDS,
+        vocab_size=sizes.vocab_size,
         tie_word_embeddings=False,
         torch_dtype="float32",
-        **special,
+        **SPECIAL_IDS,
     )
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import types
 
 from vsops.integrations.testing.prompts import TOKENS, PromptLayout, multimodal_batch
+from vsops.integrations.testing.sizes import MEDIA_IDS, SPECIAL_IDS, TinySizes
 
 __all__ = [
     "QWEN_VL_MODEL_TYPES",
@@ -36,22 +37,11 @@ _MODELS = {
 QWEN_VL_MODEL_TYPES = tuple(_MODELS)
 
 
-def tiny_qwen_vl_config(
-    model_type: str = "qwen2_5_vl",
-    *,
-    hidden_size: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vision_hidden_size: int = 32,
-    vision_depth: int = 2,
-    vocab_size: int = 128,
-    attn_implementation: str = "sdpa",
-):
+def tiny_qwen_vl_config(model_type: str = "qwen2_5_vl", *, attn_implementation: str = "sdpa", **sizes):
     """The config of a random-init ``model_type`` (one of :data:`QWEN_VL_MODEL_TYPES`) with
-    these sizes; patch size 4, merge 2, head dim ``hidden_size // heads`` (a multiple of 16),
-    untied head, the special ids of :data:`~vsops.integrations.testing.prompts.TOKENS`.
+    the :class:`~vsops.integrations.testing.sizes.TinySizes` ``sizes`` (keywords); patch size
+    4, merge 2, head dim ``hidden_size // heads`` (a multiple of 16), untied head, the special
+    ids of :data:`~vsops.integrations.testing.prompts.TOKENS`.
 
     Qwen3-VL: interleaved M-RoPE, deepstack features from every vision block (one per language
     layer at most), a learned position grid of 8 x 8; the MoE variant has 4 experts of
@@ -64,25 +54,14 @@ def tiny_qwen_vl_config(
         raise ValueError(f"model_type must be one of {QWEN_VL_MODEL_TYPES}, got {model_type!r}")
     import transformers
 
-    head_dim = hidden_size // heads
+    sizes = TinySizes(**sizes)
+    head_dim, layers, vision_depth = sizes.head_dim, sizes.layers, sizes.vision_depth
+    vision_hidden_size, intermediate_size, heads = sizes.vision_hidden_size, sizes.intermediate_size, sizes.heads
     if head_dim % 16:
         raise ValueError(f"hidden_size // heads must be a multiple of 16, got {head_dim}")
     quarter = head_dim // 16  # the rope sections split head_dim / 2
     qwen3 = model_type.startswith("qwen3")
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=32768,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=TOKENS["bos"],
-        eos_token_id=TOKENS["eos"],
-        pad_token_id=TOKENS["pad"],
-    )
+    text = sizes.text_config()
     vision = dict(
         depth=vision_depth,
         num_heads=2,
@@ -94,7 +73,7 @@ def tiny_qwen_vl_config(
     if qwen3:
         text.update(rope_scaling={"rope_type": "default", "mrope_section": [4 * quarter, 2 * quarter, 2 * quarter],
                                   "mrope_interleaved": True})
-        vision.update(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, out_hidden_size=hidden_size,
+        vision.update(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, out_hidden_size=sizes.hidden_size,
                       num_position_embeddings=64)
         moe = model_type.endswith("_moe")
         if moe:
@@ -114,23 +93,12 @@ def tiny_qwen_vl_config(
     else:
         text.update(rope_scaling={"type": "mrope", "mrope_section": [2 * quarter, 3 * quarter, 3 * quarter]})
     if model_type == "qwen2_vl":
-        vision.update(embed_dim=vision_hidden_size, hidden_size=hidden_size, mlp_ratio=2)
+        vision.update(embed_dim=vision_hidden_size, hidden_size=sizes.hidden_size, mlp_ratio=2)
     elif model_type == "qwen2_5_vl":
         vision.update(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, window_size=16,
-                      out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
+                      out_hidden_size=sizes.hidden_size, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
     config_cls = getattr(transformers, _MODELS[model_type][0])
-    config = config_cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=TOKENS["image"],
-        video_token_id=TOKENS["video"],
-        vision_start_token_id=TOKENS["vision_start"],
-        vision_end_token_id=TOKENS["vision_end"],
-        bos_token_id=TOKENS["bos"],
-        eos_token_id=TOKENS["eos"],
-        pad_token_id=TOKENS["pad"],
-        tie_word_embeddings=False,
-    )
+    config = config_cls(text_config=text, vision_config=vision, **MEDIA_IDS, **SPECIAL_IDS, tie_word_embeddings=False)
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
     return config
