@@ -388,7 +388,8 @@ class VisionSelector:
                 kwargs = {**kwargs, "inputs_embeds": rows.view_as(embeds)}
             if chosen.merged_into is not None:
                 # A merged token's other rows (deepstack features) merge as its embedding did.
-                visual_rows = {name: _like(value, [merge_rows(t, chosen.merged_into.to(t.device)) for t in _tensors_of(value)])
+                into = chosen.merged_into
+                visual_rows = {name: _like(value, [merge_rows(t, into.to(t.device)) for t in _tensors_of(value)])
                                for name, value in visual_rows.items()}
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
