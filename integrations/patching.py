@@ -349,6 +349,8 @@ def _top_pre_hook(model, args, kwargs):
     if wants_router and not model.training and routes_experts(model):
         # The model would weigh the routers of the pruned tokens with the caller's unpruned
         # attention mask; the balance loss is computed after the forward, on the pruned layout.
+        if kwargs.get("return_dict") is False:
+            raise ValueError("with output_router_logits in eval mode the VisionSelector patch needs return_dict=True")
         kwargs["output_router_logits"] = False
         selector.__dict__["_pending_router"] = {"attention_mask": kwargs.get("attention_mask")}
     return args, kwargs

@@ -551,6 +551,8 @@ def test_a_moe_balance_loss_covers_the_tokens_the_language_model_saw(setup):
     torch.testing.assert_close(out.aux_loss, router_balance_loss(model, layers, None), rtol=1e-5, atol=1e-6)
     coefficient = model.config.get_text_config().router_aux_loss_coef
     torch.testing.assert_close(out.loss, without.loss + coefficient * out.aux_loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="output_router_logits in eval mode .* needs return_dict=True"), torch.no_grad():
+        pmodel(**batch, output_router_logits=True, return_dict=False)
 
 
 def test_soft_mask_gradients_reach_the_scorer_and_nothing_else(setup):
