@@ -389,8 +389,7 @@ class VisionSelector:
             if chosen.merged_into is not None:
                 # A merged token's other rows (deepstack features) merge as its embedding did.
                 into = chosen.merged_into
-                visual_rows = {name: _like(value, [merge_rows(t, into.to(t.device)) for t in _tensors_of(value)])
-                               for name, value in visual_rows.items()}
+                visual_rows = _each_tensor(visual_rows, lambda t: merge_rows(t, into.to(t.device)))
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
         lengths = counts.kept(call.budget)
@@ -486,12 +485,9 @@ class VisionSelector:
             hard_mask=keep & call.visual_mask,
             constraint_loss=constraint_loss(soft, keep.reshape(-1).index_select(0, visual.indices)),
         )
-        out = {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype)}
         # A softly dropped token's rows are scaled as its embedding is: inference drops both.
-        for name, value in visual_rows.items():
-            out[name] = _like(value, [t * soft.to(t.device, t.dtype).view(-1, *(1,) * (t.dim() - 1))
-                                      for t in _tensors_of(value)])
-        return out
+        scaled = _each_tensor(visual_rows, lambda t: t * soft.to(t.device, t.dtype).view(-1, *(1,) * (t.dim() - 1)))
+        return {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype), **scaled}
 
     def _use_packed(self, kwargs, config) -> bool:
         use_cache = _resolved_use_cache(kwargs, config)
@@ -607,6 +603,12 @@ def _like(value, tensors: list[torch.Tensor]):
     if isinstance(value, (list, tuple)):
         return type(value)(tensors)
     return tensors[0]
+
+
+def _each_tensor(visual_rows: dict, transform) -> dict:
+    """Every tensor of every :data:`VISUAL_ROWS` input through ``transform``, each input in its
+    own container."""
+    return {name: _like(value, [transform(t) for t in _tensors_of(value)]) for name, value in visual_rows.items()}
 
 
 def _checked(chosen, method, x, k, cu) -> Selected:

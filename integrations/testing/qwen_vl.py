@@ -55,15 +55,14 @@ def tiny_qwen_vl_config(model_type: str = "qwen2_5_vl", *, attn_implementation: 
     import transformers
 
     sizes = TinySizes(**sizes)
-    head_dim, layers, vision_depth = sizes.head_dim, sizes.layers, sizes.vision_depth
-    vision_hidden_size, intermediate_size, heads = sizes.vision_hidden_size, sizes.intermediate_size, sizes.heads
+    head_dim, vision_hidden_size = sizes.head_dim, sizes.vision_hidden_size
     if head_dim % 16:
         raise ValueError(f"hidden_size // heads must be a multiple of 16, got {head_dim}")
     quarter = head_dim // 16  # the rope sections split head_dim / 2
     qwen3 = model_type.startswith("qwen3")
     text = sizes.text_config()
     vision = dict(
-        depth=vision_depth,
+        depth=sizes.vision_depth,
         num_heads=2,
         in_channels=3,
         patch_size=4,
@@ -77,26 +76,29 @@ def tiny_qwen_vl_config(model_type: str = "qwen2_5_vl", *, attn_implementation: 
                       num_position_embeddings=64)
         moe = model_type.endswith("_moe")
         if moe:
-            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2)
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=sizes.intermediate_size // 2)
         if model_type.startswith("qwen3_5"):
             text["rope_scaling"]["partial_rotary_factor"] = 1.0
             text.update(head_dim=head_dim, layer_types=["linear_attention" if i % 2 == 0 else "full_attention"
-                                                         for i in range(layers)],
+                                                         for i in range(sizes.layers)],
                         linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, linear_num_key_heads=2,
-                        linear_num_value_heads=heads)
+                        linear_num_value_heads=sizes.heads)
             if moe:  # experts and a shared expert instead of one MLP
                 del text["intermediate_size"]
-                text.update(shared_expert_intermediate_size=intermediate_size // 2)
+                text.update(shared_expert_intermediate_size=sizes.intermediate_size // 2)
         else:
-            text.update(decoder_sparse_step=1) if moe else text.update(head_dim=head_dim)
-            vision.update(deepstack_visual_indexes=list(range(min(vision_depth, layers))))
+            if moe:
+                text.update(decoder_sparse_step=1)
+            else:
+                text.update(head_dim=head_dim)
+            vision.update(deepstack_visual_indexes=list(range(min(sizes.vision_depth, sizes.layers))))
     else:
         text.update(rope_scaling={"type": "mrope", "mrope_section": [2 * quarter, 3 * quarter, 3 * quarter]})
     if model_type == "qwen2_vl":
         vision.update(embed_dim=vision_hidden_size, hidden_size=sizes.hidden_size, mlp_ratio=2)
     elif model_type == "qwen2_5_vl":
         vision.update(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, window_size=16,
-                      out_hidden_size=sizes.hidden_size, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
+                      out_hidden_size=sizes.hidden_size, fullatt_block_indexes=[sizes.vision_depth - 1], tokens_per_second=2)
     config_cls = getattr(transformers, _MODELS[model_type][0])
     config = config_cls(text_config=text, vision_config=vision, **MEDIA_IDS, **SPECIAL_IDS, tie_word_embeddings=False)
     config._attn_implementation = attn_implementation
