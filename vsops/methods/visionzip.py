@@ -49,7 +49,8 @@ class VisionZipMethod(SelectionMethod):
       (``vision.keys``) is most cosine-similar (ties to the lower target); a target's embedding
       becomes its own plus the mean of those that joined it (its own when none did).
     - kept: the dominant tokens and the targets, at their own positions; the targets carry the
-      merged embeddings (``Selected.embeds``), computed in float32, and say which tokens they
+      merged embeddings (``Selected.embeds``), computed in float32 (float64 for float64 tokens),
+      and say which tokens they
       merged (``Selected.merged_into``), so that a model's other rows per visual token
       (Qwen3-VL's deepstack features) are merged the same way.
 
