@@ -50,9 +50,8 @@ class VisionZipMethod(SelectionMethod):
       becomes its own plus the mean of those that joined it (its own when none did).
     - kept: the dominant tokens and the targets, at their own positions; the targets carry the
       merged embeddings (``Selected.embeds``), computed in float32 (float64 for float64 tokens),
-      and say which tokens they
-      merged (``Selected.merged_into``), so that a model's other rows per visual token
-      (Qwen3-VL's deepstack features) are merged the same way.
+      and say which tokens they merged (``Selected.merged_into``), so that a model's other rows
+      per visual token (Qwen3-VL's deepstack features) are merged the same way.
 
     Where it differs from the published implementation (dvlab-research/VisionZip, and the
     Qwen2.5-VL / LLaVA-OV-1.5 ports shipped with the VisionSelector baselines):
