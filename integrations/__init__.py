@@ -7,7 +7,7 @@ One model-agnostic runtime (:mod:`.runtime`), one short adapter per model family
     apply_visionselector(model, budget=0.2)                 # any registered model
     model = from_pretrained(path, budget=0.2, trust_remote_code=True)
 
-Needs ``transformers`` (4.52+ or 5.x; LLaVA-OneVision-1.5's remote code runs on 4.57);
+Needs ``transformers`` (4.57 to 5.25, the range CI tests; LLaVA-OneVision-1.5's remote code runs on 4.57);
 importing this package does not import it.
 """
 from vsops.integrations.adapter import ModelAdapter, adapter_for, register_adapter, registered_model_types

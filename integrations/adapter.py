@@ -57,7 +57,7 @@ class ModelAdapter:
     remote_code: bool = False
     transformers_module: str = ""
     class_prefix: str = ""
-    min_transformers: tuple[int, int] = (4, 52)
+    min_transformers: tuple[int, int] = (4, 57)
     vision_class_token: bool = False
     token_inputs: dict[str, str] = {}
     unpackable: str = ""

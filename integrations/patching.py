@@ -14,6 +14,7 @@ import functools
 import torch
 from torch import nn
 
+from vsops.integrations import conventions
 from vsops.integrations.adapter import ModelAdapter, adapter_for
 from vsops.integrations.outputs import attach_selection, causal_lm_loss, replaced, router_balance_loss, routes_experts
 from vsops.integrations.runtime import VisionSelector
@@ -272,25 +273,22 @@ def _attach_top(model: nn.Module, selector: VisionSelector) -> None:
 
 def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     selector: VisionSelector = inner.visionselector
+    kwargs = conventions.keywords(inner, args, kwargs)
     if selector.__dict__.get("_pending_router") is not None:
-        kwargs["output_router_logits"] = True  # the top model's balance loss is computed after it
+        kwargs[conventions.OUTPUT_ROUTER_LOGITS] = True  # the top model's balance loss is computed after it
     budget = kwargs.pop(BUDGET_KEYWORD, None)
     if budget is None:
         budget = selector.__dict__.pop("_pending_budget", None)
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    new_tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-    if kwargs.get("cache_position") is None and new_tokens is not None:
-        # A decode loop that leaves cache_position to the model: the model would count it
-        # from the pruned cache; the caller's sequence is longer.
-        position = selector.full_cache_position(kwargs.get("past_key_values"), new_tokens.shape[1], new_tokens.device)
-        if position is not None:
-            kwargs["cache_position"] = position
+    input_ids = kwargs.get(conventions.INPUT_IDS)
+    cache = conventions.cache_of(kwargs)
+    if selector.continues_pruned_cache(cache):
+        _decode_positions(inner, selector, cache, kwargs)
     if not any(kwargs.get(name) is not None for name in adapter.visual_inputs):
-        selector.begin_call(None, None, None)
-        return args, kwargs
+        selector.begin_call(None, None, None, cache=cache)
+        return (), kwargs
     if input_ids is None:
         raise ValueError("VisionSelector finds the visual tokens in input_ids: pass input_ids, not inputs_embeds")
-    attention_mask = kwargs.get("attention_mask")
+    attention_mask = kwargs.get(conventions.ATTENTION_MASK)
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
         raise ValueError("VisionSelector needs a 2-D attention_mask [B, L] (or None)")
     placeholders = adapter.placeholders(inner.config).values()
@@ -306,12 +304,32 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
         ids, items = image_ids(adapter, inner, input_ids, kwargs)
     capture = selector.vision_capture
     reads_tower = capture is not None and VISION_ATTENTION in selector.method.needs
-    cache = kwargs.get("past_key_values")
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training,
-                        kinds=kinds if reads_tower else None, cached=cache.get_seq_length() if cache is not None else 0)
+                        kinds=kinds if reads_tower else None, cache=cache)
     if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders):
         capture.clear()  # the tower runs inside this forward
-    return args, kwargs
+    return (), kwargs
+
+
+def _decode_positions(inner, selector: VisionSelector, cache, kwargs) -> None:
+    """A step on a pruned cache must place its tokens in the caller's (unpruned) sequence. A
+    model that takes ``cache_position`` (transformers 4.x, remote code) gets it from the
+    unpruned length when the caller left it out (it would count it from the pruned cache). A
+    model that counts positions from the cache's length when not given ``position_ids``
+    (transformers 5.x) would misplace the tokens: such a step is refused."""
+    if kwargs.get(conventions.CACHE_POSITION) is not None:
+        return
+    new = conventions.new_token_count(kwargs)
+    if new is None:
+        return
+    if conventions.takes(inner, conventions.CACHE_POSITION):
+        kwargs[conventions.CACHE_POSITION] = selector.full_cache_position(cache, *new)
+        return
+    if kwargs.get(conventions.POSITION_IDS) is None:
+        raise ValueError(
+            "a step on a cache VisionSelector pruned needs position_ids (in the unpruned sequence, as generate "
+            f"passes them): {type(inner).__name__} would count positions from the pruned cache's length"
+        )
 
 
 def _inner_post_hook(inner, args, output):
@@ -323,36 +341,37 @@ def _inner_post_hook(inner, args, output):
 
 
 def _language_model_pre_hook(language_model, args, kwargs):
-    if args:
-        raise TypeError("the VisionSelector patch expects the language model to be called with keywords")
-    return args, language_model.visionselector.language_model_inputs(kwargs, language_model.config)
+    kwargs = conventions.keywords(language_model, args, kwargs)
+    return (), language_model.visionselector.language_model_inputs(kwargs, language_model)
 
 
 def _top_pre_hook(model, args, kwargs):
     selector: VisionSelector = model.visionselector
+    kwargs = conventions.keywords(model, args, kwargs)
+    args = ()
     # What an earlier call left behind when it raised must not reach this one.
     for pending in ("_pending_labels", "_pending_budget", "_pending_router"):
         selector.__dict__.pop(pending, None)
     budget = kwargs.pop(BUDGET_KEYWORD, None)
     if budget is not None:
         selector.__dict__["_pending_budget"] = budget
-    labels = kwargs.get("labels")
+    labels = kwargs.get(conventions.LABELS)
     # Pruned logits no longer line up with the labels: the loss is computed after the forward
     # on the labels of the kept tokens.
     if labels is not None and not model.training:
-        if kwargs.get("return_dict") is False:
+        if kwargs.get(conventions.RETURN_DICT) is False:
             raise ValueError("with labels in eval mode the VisionSelector patch needs return_dict=True")
-        selector.__dict__["_pending_labels"] = kwargs.pop("labels")
-    wants_router = kwargs.get("output_router_logits")
+        selector.__dict__["_pending_labels"] = kwargs.pop(conventions.LABELS)
+    wants_router = kwargs.get(conventions.OUTPUT_ROUTER_LOGITS)
     if wants_router is None:
         wants_router = getattr(model.config.get_text_config(), "output_router_logits", False)
     if wants_router and not model.training and routes_experts(model):
         # The model would weigh the routers of the pruned tokens with the caller's unpruned
         # attention mask; the balance loss is computed after the forward, on the pruned layout.
-        if kwargs.get("return_dict") is False:
+        if kwargs.get(conventions.RETURN_DICT) is False:
             raise ValueError("with output_router_logits in eval mode the VisionSelector patch needs return_dict=True")
-        kwargs["output_router_logits"] = False
-        selector.__dict__["_pending_router"] = {"attention_mask": kwargs.get("attention_mask")}
+        kwargs[conventions.OUTPUT_ROUTER_LOGITS] = False
+        selector.__dict__["_pending_router"] = {"attention_mask": kwargs.get(conventions.ATTENTION_MASK)}
     return args, kwargs
 
 

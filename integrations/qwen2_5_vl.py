@@ -1,4 +1,4 @@
-"""VisionSelector inside Hugging Face's Qwen2.5-VL (transformers 4.52+ and 5.x).
+"""VisionSelector inside Hugging Face's Qwen2.5-VL (transformers 4.57 to 5.25).
 
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
     apply_visionselector_to_qwen2_5_vl(budget=0.2)            # classes: models created later

@@ -1,4 +1,4 @@
-"""VisionSelector inside Hugging Face's Qwen2-VL (transformers 4.52+ and 5.x), and the adapter
+"""VisionSelector inside Hugging Face's Qwen2-VL (transformers 4.57 to 5.25), and the adapter
 of the Qwen2-VL family that Qwen2.5-VL and Qwen3-VL extend.
 
     from vsops.integrations import apply_visionselector_to_qwen2_vl
@@ -16,6 +16,7 @@ import inspect
 import torch
 
 from vsops.integrations.adapter import ModelAdapter, register_adapter
+from vsops.integrations.conventions import ENCODER_OUTPUTS
 from vsops.integrations.patching import named_entry_point
 
 __all__ = ["apply_visionselector_to_qwen2_vl", "mm_token_type_ids", "Qwen2VLAdapter"]
@@ -28,7 +29,7 @@ class Qwen2VLAdapter(ModelAdapter):
     class_prefix = "Qwen2VL"
     position_rows = 3
     # transformers 5 may hand precomputed vision features instead of pixels.
-    visual_inputs = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+    visual_inputs = ("pixel_values", "pixel_values_videos", ENCODER_OUTPUTS)
 
     def takes_token_types(self) -> bool:
         """Whether the installed transformers' multimodal model takes ``mm_token_type_ids`` (5.x)."""

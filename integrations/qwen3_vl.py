@@ -1,4 +1,4 @@
-"""VisionSelector inside Hugging Face's Qwen3-VL and Qwen3-VL-MoE (transformers 4.57+ and 5.x).
+"""VisionSelector inside Hugging Face's Qwen3-VL and Qwen3-VL-MoE (transformers 4.57 to 5.25).
 
     from vsops.integrations import apply_visionselector_to_qwen3_vl
     apply_visionselector_to_qwen3_vl(model, budget=0.2)       # or None: the classes
@@ -32,7 +32,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_types = ("qwen3_vl",)
     transformers_module = "qwen3_vl"
     class_prefix = "Qwen3VL"
-    min_transformers = (4, 57)
     token_inputs = {"visual_pos_masks": TOKENS, "deepstack_visual_embeds": VISUAL_ROWS}
 
     def check_checkpoint(self, config, keys):

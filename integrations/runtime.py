@@ -30,6 +30,16 @@ import torch
 from vsops.budget import budget_to_k, check_budget
 from vsops.difftopk import constraint_loss, difftopk
 from vsops.integrations.adapter import TOKENS, VISUAL_ROWS
+from vsops.integrations.conventions import (
+    ATTENTION_MASK,
+    CACHE_POSITION,
+    INPUTS_EMBEDS,
+    POSITION_IDS,
+    USE_CACHE,
+    cache_length,
+    cache_of,
+    with_cache,
+)
 from vsops.methods import (
     VISION_ATTENTION,
     ScoringMethod,
@@ -203,6 +213,7 @@ class VisionSelector:
         self.hooks: list = []  # the integration's hook handles, for reverting
         self.vision_capture = None
         self._call: _Call | None = None
+        self._call_cache = None  # the cache the multimodal model's call in progress was given
 
     @property
     def method(self) -> SelectionMethod:
@@ -275,7 +286,7 @@ class VisionSelector:
     # -- per-call protocol -------------------------------------------------------------------
 
     def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False,
-                   kinds=None, cached: int = 0) -> None:
+                   kinds=None, cache=None) -> None:
         """Called by the integration before the multimodal forward: which tokens are visual.
 
         Args:
@@ -291,18 +302,22 @@ class VisionSelector:
             kinds: int64 ``[B, L]``, the kind of visual input of each token (an index the
                 :attr:`vision_capture` knows), -1 elsewhere; needed by methods that read the
                 vision tower's attention.
-            cached: the tokens the call's KV cache holds already. Visual tokens are pruned at
-                prefill only: a call that brings some to a non-empty cache is a ValueError.
+            cache: the call's KV cache (:func:`~vsops.integrations.conventions.cache_of`), or
+                None; its language model must be called with the same one. Visual tokens are
+                pruned at prefill only: a call that brings some to a non-empty cache is a
+                ValueError.
         """
         self.last = None
+        self._call_cache = cache
         if visual_mask is None:
             self._call = None
             return
+        cached = cache_length(cache)
         if cached and bool(visual_mask.any()):
             raise ValueError(
-                f"input_ids hold {int(visual_mask.sum())} image or video placeholder tokens but past_key_values "
+                f"input_ids hold {int(visual_mask.sum())} image or video placeholder tokens but the KV cache "
                 f"already holds {cached} tokens: VisionSelector selects visual tokens at prefill only; start from "
-                "an empty cache (past_key_values=None) for a prompt with images or videos"
+                "an empty cache for a prompt with images or videos"
             )
         budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         if self.scope == "image" and image_ids is None:
@@ -311,37 +326,52 @@ class VisionSelector:
 
     def end_call(self) -> Selection | None:
         """Ends the call; returns what was selected (also kept as :attr:`last`)."""
-        self._call = None
+        self._call = self._call_cache = None
         return self.last
 
-    def full_cache_position(self, past_key_values, new_tokens: int, device) -> torch.Tensor | None:
-        """For a decode step on the cache this selector pruned, called without
-        ``cache_position``: the positions of the ``new_tokens`` in the caller's (unpruned)
-        sequence, int64 ``[new_tokens]``, so that a model deriving rope positions from them
-        continues at the unpruned length. None for any other cache."""
-        pruned = _pruned_record(past_key_values)
+    @staticmethod
+    def continues_pruned_cache(cache) -> bool:
+        """Whether ``cache`` holds a prefill this selector's kind pruned."""
+        return _pruned_record(cache) is not None
+
+    @staticmethod
+    def full_cache_position(cache, new_tokens: int, device) -> torch.Tensor | None:
+        """For a decode step on a cache a selector pruned, called without ``cache_position``:
+        the positions of the ``new_tokens`` in the caller's (unpruned) sequence, int64
+        ``[new_tokens]``, so that a model deriving rope positions from them continues at the
+        unpruned length. None for any other cache."""
+        pruned = _pruned_record(cache)
         if pruned is None:
             return None
-        start = past_key_values.get_seq_length() + pruned.full_length - pruned.pruned_mask.shape[1]
+        start = cache_length(cache) + pruned.full_length - pruned.pruned_mask.shape[1]
         return torch.arange(start, start + new_tokens, device=device)
 
-    def language_model_inputs(self, kwargs: dict, config) -> dict:
+    def language_model_inputs(self, kwargs: dict, language_model) -> dict:
         """The language model's keyword arguments with the selection applied.
 
         At prefill (empty cache) with visual tokens: pruned (inference) or scaled by the soft
         mask (training). At later steps on the cache this selector pruned: the attention mask
         (and ``cache_position``) rewritten to the pruned cache; positions are left as computed
-        on the full sequence.
+        on the full sequence. ``language_model`` is the module called (its config, and the
+        keyword its forward takes the cache under).
         """
         call = self._call
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        cache = cache_of(kwargs)
+        if self._call_cache is not None and cache is not self._call_cache:
+            # The multimodal model was given a cache and handed its language model another (or
+            # none, or under a name not known here): whether it continues a pruned prefill is
+            # unknowable, and guessing gives wrong tokens.
+            raise ValueError(
+                "the language model was not called with the cache the multimodal model was given; VisionSelector "
+                "cannot tell whether it continues a pruned prefill (see vsops.integrations.conventions)"
+            )
+        past = cache_length(cache)
         if past > 0:
             # begin_call refused visual tokens on a non-empty cache
             return self._decode_inputs(kwargs, cache, past)
         if call is None:
             return kwargs
-        embeds = kwargs["inputs_embeds"]
+        embeds = kwargs[INPUTS_EMBEDS]
         if call.visual_mask.shape != embeds.shape[:2]:
             raise ValueError(
                 f"the visual mask is {tuple(call.visual_mask.shape)} but inputs_embeds is {tuple(embeds.shape)}"
@@ -385,7 +415,7 @@ class VisionSelector:
             if chosen.embeds is not None:
                 # The method's embeddings take the kept tokens' places before the gather.
                 rows = embeds.reshape(b * length, -1).index_copy(0, visual.indices, chosen.embeds.to(embeds.dtype))
-                kwargs = {**kwargs, "inputs_embeds": rows.view_as(embeds)}
+                kwargs = {**kwargs, INPUTS_EMBEDS: rows.view_as(embeds)}
             if chosen.merged_into is not None:
                 # A merged token's other rows (deepstack features) merge as its embedding did.
                 into = chosen.merged_into
@@ -393,7 +423,7 @@ class VisionSelector:
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
         lengths = counts.kept(call.budget)
-        out = self._pruned_inputs(kwargs, config, keep, lengths)
+        out = self._pruned_inputs(kwargs, language_model, keep, lengths)
         if visual_rows:
             kept_visual = sum(lengths) - (sum(counts.real) - sum(counts.visual))
             out.update(self._kept_visual_rows(visual_rows, keep, visual.indices, kept_visual))
@@ -478,7 +508,7 @@ class VisionSelector:
     def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, keep, visual, visual_rows: dict) -> dict:
         soft = difftopk(scores, k, cu_seqlens=cu)
         factor = unpack(soft, visual.indices, visual.batch, visual.length, fill=1.0)
-        embeds = kwargs["inputs_embeds"]
+        embeds = kwargs[INPUTS_EMBEDS]
         self.last = Selection(
             soft_mask=factor,
             visual_mask=call.visual_mask,
@@ -487,7 +517,7 @@ class VisionSelector:
         )
         # A softly dropped token's rows are scaled as its embedding is: inference drops both.
         scaled = _each_tensor(visual_rows, lambda t: t * soft.to(t.device, t.dtype).view(-1, *(1,) * (t.dim() - 1)))
-        return {**kwargs, "inputs_embeds": embeds * factor.unsqueeze(-1).to(embeds.dtype), **scaled}
+        return {**kwargs, INPUTS_EMBEDS: embeds * factor.unsqueeze(-1).to(embeds.dtype), **scaled}
 
     def _use_packed(self, kwargs, config) -> bool:
         use_cache = _resolved_use_cache(kwargs, config)
@@ -498,7 +528,7 @@ class VisionSelector:
             if self.packed:
                 raise ValueError(f"packed=True is not possible on this model: {self.unpackable}")
             return False
-        possible = varlen and not use_cache and kwargs.get("past_key_values") is None
+        possible = varlen and not use_cache and cache_of(kwargs) is None
         if self.packed and not possible:
             raise ValueError(
                 "packed=True needs a varlen attention implementation (flash_attention_2 or one declared "
@@ -507,11 +537,12 @@ class VisionSelector:
             )
         return possible
 
-    def _pruned_inputs(self, kwargs, config, keep, lengths) -> dict:
-        embeds = kwargs["inputs_embeds"]
+    def _pruned_inputs(self, kwargs, language_model, keep, lengths) -> dict:
+        config = language_model.config
+        embeds = kwargs[INPUTS_EMBEDS]
         b, length = keep.shape
         rows = self.position_rows
-        positions = kwargs.get("position_ids")
+        positions = kwargs.get(POSITION_IDS)
         if positions is None:
             # What the language model would have used for the full sequence.
             positions = torch.arange(length, device=embeds.device).view(1, 1, -1)
@@ -527,33 +558,34 @@ class VisionSelector:
         per_token = [kwargs[n] for n in names]
         if self._use_packed(kwargs, config):
             packed = select_and_pack(keep, embeds, positions, *per_token, counts=lengths)
-            out["inputs_embeds"] = packed.tensors[0].unsqueeze(0)
-            out["position_ids"] = packed.tensors[1].unsqueeze(1) if rows > 1 else packed.tensors[1]
+            out[INPUTS_EMBEDS] = packed.tensors[0].unsqueeze(0)
+            out[POSITION_IDS] = packed.tensors[1].unsqueeze(1) if rows > 1 else packed.tensors[1]
             out.update({n: t.unsqueeze(0) for n, t in zip(names, packed.tensors[2:])})
-            out["attention_mask"] = None
+            out[ATTENTION_MASK] = None
             out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = packed.cu_seqlens
             out["max_length_q"] = out["max_length_k"] = packed.max_seqlen
             self.last = Selection(keep=keep, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen, lengths=lengths)
         else:
             padded = select_and_pad(keep, embeds, positions, *per_token, padding_side="left",
                                     pad_values=(0, 1, *(0,) * len(per_token)), counts=lengths)
-            out["inputs_embeds"], padded_positions = padded.tensors[:2]
-            out["position_ids"] = padded_positions if rows > 1 else padded_positions[0]
+            out[INPUTS_EMBEDS], padded_positions = padded.tensors[:2]
+            out[POSITION_IDS] = padded_positions if rows > 1 else padded_positions[0]
             out.update(zip(names, padded.tensors[2:]))
-            out["attention_mask"] = mask = padded.attention_mask
+            out[ATTENTION_MASK] = mask = padded.attention_mask
             self.last = Selection(keep=keep, lengths=lengths, attention_mask=mask)
-            cache = kwargs.get("past_key_values")
+            cache = cache_of(kwargs)
             if cache is None and _resolved_use_cache(kwargs, config):
                 # Made here rather than inside the language model, so that the decode steps on
                 # it can be recognized.
                 from transformers.cache_utils import DynamicCache
 
-                cache = out["past_key_values"] = DynamicCache(config=config)
+                cache = DynamicCache(config=config)
+                out = with_cache(out, cache, language_model)
             if cache is not None:
                 setattr(cache, _PRUNED_ATTRIBUTE, _PrunedCache(length, mask))
-        if kwargs.get("cache_position") is not None:
-            start = kwargs["cache_position"][:1]
-            out["cache_position"] = start + torch.arange(out["inputs_embeds"].shape[1], device=start.device)
+        if kwargs.get(CACHE_POSITION) is not None:
+            start = kwargs[CACHE_POSITION][:1]
+            out[CACHE_POSITION] = start + torch.arange(out[INPUTS_EMBEDS].shape[1], device=start.device)
         return out
 
     def _decode_inputs(self, kwargs, cache, past: int) -> dict:
@@ -561,11 +593,11 @@ class VisionSelector:
         if pruned is None:
             return kwargs
         out = dict(kwargs)
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(ATTENTION_MASK)
         shift = pruned.full_length - pruned.pruned_mask.shape[1]
-        embeds = kwargs.get("inputs_embeds")
+        embeds = kwargs.get(INPUTS_EMBEDS)
         new_tokens = embeds.shape[1] if embeds is not None else None
-        position = kwargs.get("cache_position")
+        position = kwargs.get(CACHE_POSITION)
         # The caller counts in the unpruned sequence: a step that counts in the pruned cache
         # (e.g. generate continuing from a pruned cache it did not fill) would misplace tokens.
         if position is not None and int(position[0]) != past + shift:
@@ -587,9 +619,9 @@ class VisionSelector:
                     f"{new_tokens} new)"
                 )
             tail = mask[:, pruned.full_length:].to(pruned.pruned_mask.dtype)
-            out["attention_mask"] = torch.cat([pruned.pruned_mask, tail], dim=1)
+            out[ATTENTION_MASK] = torch.cat([pruned.pruned_mask, tail], dim=1)
         if position is not None:
-            out["cache_position"] = position - shift
+            out[CACHE_POSITION] = position - shift
         return out
 
 
@@ -648,4 +680,4 @@ def _checked(chosen, method, x, k, cu) -> Selected:
 
 def _resolved_use_cache(kwargs, config) -> bool:
     """Whether the language model will fill a cache: its ``use_cache``, or the config's."""
-    return config.use_cache if kwargs.get("use_cache") is None else bool(kwargs["use_cache"])
+    return config.use_cache if kwargs.get(USE_CACHE) is None else bool(kwargs[USE_CACHE])

@@ -11,6 +11,7 @@ runs on 4.57 only.
 """
 import copy
 import functools
+import inspect
 import math
 import types
 
@@ -28,6 +29,7 @@ from vsops.integrations import (  # noqa: E402
     register_reference_varlen_attention,
     revert_visionselector,
 )
+from vsops.integrations.conventions import CACHE_KEYWORDS, takes  # noqa: E402
 from vsops.integrations.outputs import router_balance_loss, routes_experts  # noqa: E402
 from vsops.integrations.testing import TOKENS  # noqa: E402
 
@@ -67,6 +69,22 @@ def patched(model, **settings):
     apply_visionselector(patched_model, **settings)
     randomize_scorer(patched_model)
     return patched_model
+
+
+def cache_keywords(model):
+    """Every keyword the installed transformers lets a caller pass the KV cache under."""
+    return ["past_key_values", *(["cache"] if takes(model, "cache") else [])]
+
+
+def called_positionally(model, kwargs):
+    """``model(**kwargs)`` with its leading arguments, up to and including the cache, passed by
+    position in the order of its forward's signature."""
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    last = max(names.index(k) for k in CACHE_KEYWORDS if k in names)
+    rest = {k: v for k, v in kwargs.items() if k not in names[: last + 1] and k not in CACHE_KEYWORDS}
+    cache = next(kwargs[k] for k in CACHE_KEYWORDS if kwargs.get(k) is not None)
+    args = [cache if name in CACHE_KEYWORDS else kwargs.get(name) for name in names[: last + 1]]
+    return model(*args, **rest)
 
 
 def visual_mask(batch):
@@ -464,17 +482,25 @@ def test_a_decode_step_on_the_pruned_cache_equals_a_fresh_prefill(setup):
     if position is not None:
         step["position_ids"] = position
     reused = copy.deepcopy(cache)  # prompt reuse: a copy of the pruned cache decodes as well
+    pristine = copy.deepcopy(cache)
     with torch.no_grad():
         decoded = model(**step).logits[:, -1]
         fresh = model(**longer).logits[:, -1]
         model(**setup.make_batch(PROMPTS), use_cache=False)  # other forwards in between
         decoded_on_copy = model(**dict(step, past_key_values=reused)).logits[:, -1]
+        step.pop("past_key_values")
+        # The cache under every name transformers takes it by, and by position.
+        by_name = {k: model(**step, **{k: copy.deepcopy(pristine)}).logits[:, -1] for k in cache_keywords(model)}
+        by_position = called_positionally(model, dict(step, past_key_values=copy.deepcopy(pristine))).logits[:, -1]
+        step["past_key_values"] = reused
     assert cache.get_seq_length() == kept + 1
     torch.testing.assert_close(decoded, fresh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(decoded_on_copy, fresh, rtol=1e-5, atol=1e-5)
+    for logits in (*by_name.values(), by_position):
+        torch.testing.assert_close(logits, fresh, rtol=1e-5, atol=1e-5)
     # a step that counts in the pruned cache's coordinates is refused, not misplaced
     with pytest.raises(ValueError, match="unpruned sequence"), torch.no_grad():
-        model(**dict(step, past_key_values=copy.deepcopy(reused), cache_position=torch.tensor([kept + 1])))
+        model(**dict(step, past_key_values=copy.deepcopy(pristine), cache_position=torch.tensor([kept])))
 
 
 def test_packed_path_equals_padded_path(setup):
@@ -753,9 +779,10 @@ def test_images_on_a_non_empty_cache_are_refused(setup):
     with torch.no_grad():
         cache = model(**setup.make_batch([[5]])).past_key_values
     batch = setup.make_batch(PROMPTS[:1])
-    with pytest.raises(ValueError, match="input_ids hold 16 image or video placeholder tokens but past_key_values "
-                                         "already holds 5 tokens"), torch.no_grad():
-        model(**batch, past_key_values=cache)
+    for keyword in cache_keywords(model):
+        with pytest.raises(ValueError, match="input_ids hold 16 image or video placeholder tokens but the KV cache "
+                                             "already holds 5 tokens"), torch.no_grad():
+            model(**batch, **{keyword: cache})
 
 
 def test_outputs_survive_a_pytree_round_trip(setup):
