@@ -13,6 +13,7 @@ importing this package does not import it.
 from vsops.integrations.adapter import ModelAdapter, adapter_for, register_adapter, registered_model_types
 from vsops.integrations.llava_ov_1_5 import apply_visionselector_to_llava_ov_1_5
 from vsops.integrations.loading import from_pretrained
+from vsops.integrations.outputs import kept_mask
 from vsops.integrations.patching import apply_visionselector, is_visionselector_applied, revert_visionselector
 from vsops.integrations.qwen2_5_vl import apply_visionselector_to_qwen2_5_vl
 from vsops.integrations.qwen2_vl import apply_visionselector_to_qwen2_vl
@@ -25,6 +26,7 @@ __all__ = [
     "apply_visionselector",
     "revert_visionselector",
     "is_visionselector_applied",
+    "kept_mask",
     "from_pretrained",
     "apply_visionselector_to_qwen2_vl",
     "apply_visionselector_to_qwen2_5_vl",

@@ -135,7 +135,15 @@ class ModelAdapter:
         full-attention block's (``qkv`` a fused projection laid out ``[S, 3, heads, head_dim]``,
         ``num_heads``; called with ``cu_seqlens`` and rotary ``position_embeddings``)."""
         full = getattr(tower, "fullatt_block_indexes", None)
-        return tower.blocks[full[-1] if full else -1].attn
+        if not full:
+            return tower.blocks[-1].attn
+        inside = [i for i in full if 0 <= i < len(tower.blocks)]
+        if not inside:
+            raise ValueError(
+                f"the vision tower's fullatt_block_indexes {list(full)} name no block of its {len(tower.blocks)}: "
+                "it has no full-attention block whose attention a method could read (its config does not fit it)"
+            )
+        return tower.blocks[inside[-1]].attn
 
     def merge_unit(self, tower: nn.Module) -> int:
         """Patches per visual token (the merger joins ``merge x merge`` patches)."""

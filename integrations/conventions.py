@@ -27,6 +27,7 @@ __all__ = [
     "INPUTS_EMBEDS",
     "INPUT_IDS",
     "LABELS",
+    "LOSS_KEYWORDS",
     "OUTPUT_ROUTER_LOGITS",
     "POSITION_IDS",
     "RETURN_DICT",
@@ -51,6 +52,9 @@ INPUT_IDS = "input_ids"
 INPUTS_EMBEDS = "inputs_embeds"
 USE_CACHE = "use_cache"
 LABELS = "labels"
+# What a causal LM hands its loss function besides the labels: the Trainer's gradient
+# accumulation count and labels already shifted (padding-free training).
+LOSS_KEYWORDS = ("shift_labels", "num_items_in_batch")
 RETURN_DICT = "return_dict"
 OUTPUT_ROUTER_LOGITS = "output_router_logits"
 # Vision features computed before the forward (``generate`` and callers of 5.x hand them over

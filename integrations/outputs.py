@@ -11,7 +11,22 @@ import torch
 from vsops.integrations.runtime import Selection
 from vsops.varlen import select_and_pad
 
-__all__ = ["attach_selection", "causal_lm_loss", "replaced", "router_balance_loss", "routes_experts"]
+__all__ = ["attach_selection", "causal_lm_loss", "kept_mask", "replaced", "router_balance_loss", "routes_experts"]
+
+
+def kept_mask(output, attention_mask: torch.Tensor | None, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """bool ``[B, L]``: the tokens of a call its language model saw. From the output's
+    ``visionselector`` where the call selected; where it pruned nothing (budget 1.0: the output
+    is the unpatched model's, without that field), every token the caller's ``attention_mask``
+    holds (all ``shape = (B, L)`` tokens without one)."""
+    selection = output.get("visionselector") if hasattr(output, "get") else None
+    if selection is not None and selection.keep is not None:
+        return selection.keep
+    if attention_mask is not None:
+        return attention_mask.bool()
+    if shape is None:
+        raise ValueError("the call pruned nothing and passed no attention_mask: give its shape (B, L)")
+    return torch.ones(shape, dtype=torch.bool)
 
 
 def attach_selection(output, selection: Selection | None):
@@ -54,15 +69,27 @@ def _output_class(cls):
     return extended
 
 
-def causal_lm_loss(loss_function, logits, labels, selection: Selection | None, vocab_size: int) -> torch.Tensor:
+def causal_lm_loss(loss_function, logits, labels, selection: Selection | None, vocab_size: int,
+                   **loss_kwargs) -> torch.Tensor:
     """The model's causal-LM ``loss_function`` on ``logits`` (``[B, L', V]`` padded or
-    ``[1, total, V]`` packed) against the ``labels [B, L]`` of the tokens the selection kept."""
+    ``[1, total, V]`` packed) against the ``labels [B, L]`` of the tokens the selection kept.
+
+    ``loss_kwargs`` are what the model hands its loss function besides the labels:
+    ``num_items_in_batch`` (the Trainer's gradient accumulation) goes through; ``shift_labels
+    [B, L]`` (the target of each position, which transformers prefers to shifting the labels)
+    is read as the labels they shift: a kept token's target is its next kept token's label."""
+    shift_labels = loss_kwargs.pop("shift_labels", None)
     if selection is None or selection.keep is None:
-        return loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
+        if shift_labels is not None:
+            loss_kwargs["shift_labels"] = shift_labels
+        return loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **loss_kwargs)
+    if shift_labels is not None:
+        labels = torch.cat([shift_labels.new_full((shift_labels.shape[0], 1), -100), shift_labels[:, :-1]], dim=1)
     # Each kept token predicts the next kept token of its own sample: never across a sample
     # boundary (packed) nor from a padding slot (padded).
     if selection.cu_seqlens is None:
-        padded = select_and_pad(selection.keep, labels, pad_values=-100, counts=selection.lengths)
+        padded = select_and_pad(selection.keep, labels, pad_values=-100, counts=selection.lengths,
+                                padding_side=selection.padding_side)
         kept, real = padded.tensors[0], padded.attention_mask.bool()
         shift = torch.cat([kept[:, 1:], kept.new_full((kept.shape[0], 1), -100)], dim=1).masked_fill(~real, -100)
     else:
@@ -70,7 +97,7 @@ def causal_lm_loss(loss_function, logits, labels, selection: Selection | None, v
         shift = torch.cat([kept[1:], kept.new_full((1,), -100)])
         shift[selection.cu_seqlens[1:].long() - 1] = -100
         shift = shift.unsqueeze(0)
-    return loss_function(logits=logits, labels=None, shift_labels=shift, vocab_size=vocab_size)
+    return loss_function(logits=logits, labels=None, shift_labels=shift, vocab_size=vocab_size, **loss_kwargs)
 
 
 def routes_experts(model) -> bool:

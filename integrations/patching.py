@@ -9,11 +9,13 @@ conditional-generation model's hooks move the loss onto the kept tokens and add 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 from torch import nn
 
+from vsops.budget import check_budget
 from vsops.integrations import conventions
 from vsops.integrations.adapter import ModelAdapter, adapter_for
 from vsops.integrations.outputs import attach_selection, causal_lm_loss, replaced, router_balance_loss, routes_experts
@@ -148,30 +150,55 @@ def revert_visionselector(model: nn.Module | None = None) -> None:
     tower = adapter.vision_tower(inner)
     if hasattr(tower, SCORER_ATTRIBUTE):
         delattr(tower, SCORER_ATTRIBUTE)
+    _weights_owner(tower, inner).__dict__.pop("_init_weights", None)
     for module in (top, inner, adapter.language_model(inner)):
         if module is not None:
             module.__dict__.pop("visionselector", None)
 
 
-def image_ids(adapter: ModelAdapter, inner: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
+def placeholder_kinds(adapter: ModelAdapter, inner: nn.Module, kwargs: dict) -> torch.Tensor | None:
+    """int64 ``[B, L]``: the kind of visual placeholder of each token of the call (its index in
+    ``adapter.placeholders``), -1 for text; found in ``input_ids``, or, as transformers finds
+    them, in ``inputs_embeds`` where a row equals the placeholder token's embedding. None when
+    the call passes neither."""
+    input_ids = kwargs.get(conventions.INPUT_IDS)
+    embeds = kwargs.get(conventions.INPUTS_EMBEDS)
+    tokens = [token for token, _ in adapter.placeholders(inner.config).values()]
+    if input_ids is not None:
+        kinds = torch.full_like(input_ids, -1, dtype=torch.long)
+        for index, token in enumerate(tokens):
+            kinds[input_ids == token] = index
+        return kinds
+    if embeds is None:
+        return None
+    table = inner.get_input_embeddings()
+    kinds = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+    for index, token in enumerate(tokens):
+        row = table(torch.tensor(token, device=table.weight.device)).to(embeds.device, embeds.dtype)
+        kinds[(embeds == row).all(-1)] = index
+    return kinds
+
+
+def image_ids(adapter: ModelAdapter, inner: nn.Module, kinds: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
     """The image or video of each visual token, numbered over the batch in order of appearance
-    (int64 ``[B, L]``, -1 elsewhere), and the number of images and videos.
+    (int64 ``[B, L]``, -1 elsewhere), and the number of images and videos; ``kinds`` from
+    :func:`placeholder_kinds`.
 
     Each kind's features fill its placeholders in row-major order, as the models scatter them.
     An item's placeholders may be split by text (Qwen3-VL writes a timestamp before each video
     frame) but not by another item's.
     """
-    ids = torch.full_like(input_ids, -1)
+    ids = torch.full_like(kinds, -1)
     offset = 0
-    for kind, (token, grid_name) in adapter.placeholders(inner.config).items():
+    for index, (kind, (_, grid_name)) in enumerate(adapter.placeholders(inner.config).items()):
         grid = kwargs.get(grid_name)
         if grid is None:
             continue
-        where = input_ids == token
-        per_item = adapter.tokens_per_item(inner, grid).to(input_ids.device)
-        item = torch.repeat_interleave(torch.arange(len(per_item), device=input_ids.device) + offset, per_item)
+        where = kinds == index
+        per_item = adapter.tokens_per_item(inner, grid).to(kinds.device)
+        item = torch.repeat_interleave(torch.arange(len(per_item), device=kinds.device) + offset, per_item)
         if item.numel() != int(where.sum()):
-            raise ValueError(f"{grid_name} describes {item.numel()} {kind} tokens but input_ids has {int(where.sum())}")
+            raise ValueError(f"{grid_name} describes {item.numel()} {kind} tokens but the call has {int(where.sum())}")
         ids[where] = item
         offset += len(per_item)
     # Renumbered in order of appearance: a new item starts where the id changes along the
@@ -204,7 +231,10 @@ def _adapter_of(model: nn.Module, model_type: str | None) -> ModelAdapter:
 
 def _patch_classes(adapter: ModelAdapter, settings) -> None:
     inner_cls, top_cls = adapter.classes()
-    revert_visionselector(None)
+    # A second patch of the same classes replaces the first; other families' patches stay.
+    for cls in (inner_cls, top_cls):
+        if cls in _class_patch:
+            cls.__init__ = _class_patch.pop(cls)
     inner_init, top_init = inner_cls.__init__, top_cls.__init__
 
     def patched_inner_init(self, config, *args, **kwargs):
@@ -247,18 +277,43 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
         unpackable=adapter.unpackable,
     )
     language_model = adapter.language_model(inner)
-    selector.vision_capture = VisionAttentionCapture(adapter, adapter.vision_tower(inner), selector)
     selector.hooks = [
         inner.register_forward_pre_hook(functools.partial(_inner_pre_hook, adapter), with_kwargs=True),
         inner.register_forward_hook(_inner_post_hook),
         language_model.register_forward_pre_hook(_language_model_pre_hook, with_kwargs=True),
-        *selector.vision_capture.hooks,
     ]
+    owner = _weights_owner(tower, inner)
+    owner.__dict__["_init_weights"] = _PublishedScorerInit(owner, tower)
     # Plain attributes, not submodules; the hooks find the selector through their module, so
     # that a deep copy of the model gets hooks bound to its own copy of the selector.
     inner.__dict__["visionselector"] = selector
     language_model.__dict__["visionselector"] = selector
     return selector
+
+
+def _weights_owner(tower: nn.Module, inner: nn.Module) -> nn.Module:
+    """The model whose ``_init_weights`` transformers calls on the scorer: the vision tower
+    where it is a model of its own, else the multimodal model."""
+    return tower if hasattr(tower, "_init_weights") else inner
+
+
+class _PublishedScorerInit:
+    """``owner._init_weights`` that gives the scorer the published init (normal, std
+    ``init_std``; zero biases), so that transformers' own loading paths (a checkpoint without a
+    scorer, meta-device initialisation) give it rather than the model's ``initializer_range``.
+    transformers initialises a module's children before the module: the scorer's projections
+    are left to the scorer. An object with attributes, not a closure, so that a deep copy of
+    the model initialises its own scorer."""
+
+    def __init__(self, owner: nn.Module, tower: nn.Module):
+        self.owner, self.tower = owner, tower
+
+    def __call__(self, module: nn.Module) -> None:
+        scorer = getattr(self.tower, SCORER_ATTRIBUTE, None)
+        if isinstance(module, LearnableImportanceScorer):
+            module.reset_parameters()
+        elif scorer is None or (module is not scorer.q_proj and module is not scorer.k_proj):
+            type(self.owner)._init_weights(self.owner, module)
 
 
 def _attach_top(model: nn.Module, selector: VisionSelector) -> None:
@@ -271,44 +326,71 @@ def _attach_top(model: nn.Module, selector: VisionSelector) -> None:
     model.__dict__["visionselector"] = selector
 
 
+def _vision_capture(adapter: ModelAdapter, inner: nn.Module, selector: VisionSelector) -> VisionAttentionCapture:
+    """The selector's reader of the vision tower's attention, made (and its hooks registered) the
+    first time a method needs it, so that a model whose methods never read the tower is not
+    touched by it."""
+    if selector.vision_capture is None:
+        selector.vision_capture = VisionAttentionCapture(adapter, adapter.vision_tower(inner), selector)
+        selector.hooks += selector.vision_capture.hooks
+    return selector.vision_capture
+
+
 def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     selector: VisionSelector = inner.visionselector
     kwargs = conventions.keywords(inner, args, kwargs)
-    if selector.__dict__.get("_pending_router") is not None:
+    state = selector.call_state
+    if state is not None and state.router is not None:
         kwargs[conventions.OUTPUT_ROUTER_LOGITS] = True  # the top model's balance loss is computed after it
     budget = kwargs.pop(BUDGET_KEYWORD, None)
-    if budget is None:
-        budget = selector.__dict__.pop("_pending_budget", None)
-    input_ids = kwargs.get(conventions.INPUT_IDS)
+    budget = check_budget(budget, BUDGET_KEYWORD) if budget is not None else (
+        state.budget if state is not None else selector.budget)
     cache = conventions.cache_of(kwargs)
     if selector.continues_pruned_cache(cache):
         _decode_positions(inner, selector, cache, kwargs)
-    if not any(kwargs.get(name) is not None for name in adapter.visual_inputs):
-        selector.begin_call(None, None, None, cache=cache)
+    if budget == 1.0 or not any(kwargs.get(name) is not None for name in adapter.visual_inputs):
+        # Nothing to select: the model runs as it would unpatched (and follows a pruned cache).
+        selector.begin_call(None, None, None, cache=cache, budget=budget)
         return (), kwargs
-    if input_ids is None:
-        raise ValueError("VisionSelector finds the visual tokens in input_ids: pass input_ids, not inputs_embeds")
+    kinds = placeholder_kinds(adapter, inner, kwargs)
+    if kinds is None:
+        raise ValueError("VisionSelector finds the visual tokens in input_ids or inputs_embeds: pass one of them")
     attention_mask = kwargs.get(conventions.ATTENTION_MASK)
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-        raise ValueError("VisionSelector needs a 2-D attention_mask [B, L] (or None)")
-    placeholders = adapter.placeholders(inner.config).values()
-    # The kind of each token: its placeholder's index, -1 for text.
-    kinds = torch.full_like(input_ids, -1)
-    for index, (token, _) in enumerate(placeholders):
-        kinds[input_ids == token] = index
-    visual = kinds >= 0
+        raise ValueError(
+            "below budget 1.0 VisionSelector needs a 2-D attention_mask [B, L] (or None): a 4-D mask (a static "
+            "cache's, or a compiled generate's) cannot be pruned; use a dynamic cache, or budget 1.0"
+        )
+    positions = kwargs.get(conventions.POSITION_IDS)
+    if attention_mask is None and positions is not None and _restarts(positions):
+        raise ValueError(
+            "position_ids restart within a row (a padding-free batch of several sequences per row): below budget "
+            "1.0 VisionSelector prunes padded batches only; pass one sequence per row with an attention_mask"
+        )
     if attention_mask is not None:
-        visual &= attention_mask.bool()
+        # A call on a cache may pass the mask of the whole sequence; its last columns are this call's.
+        attention_mask = attention_mask[:, -kinds.shape[1]:]
+    placeholders = kinds >= 0
+    visual = placeholders if attention_mask is None else placeholders & attention_mask.bool()
     ids, items = None, 0
     if selector.scope == "image":
-        ids, items = image_ids(adapter, inner, input_ids, kwargs)
-    capture = selector.vision_capture
-    reads_tower = capture is not None and VISION_ATTENTION in selector.method.needs
+        ids, items = image_ids(adapter, inner, kinds, kwargs)
+    reads_tower = VISION_ATTENTION in selector.method.needs
+    if reads_tower:
+        capture = _vision_capture(adapter, inner, selector)
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training,
-                        kinds=kinds if reads_tower else None, cache=cache)
-    if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders):
+                        kinds=kinds if reads_tower else None, cache=cache, placeholders=placeholders)
+    placeholders_kinds = adapter.placeholders(inner.config).values()
+    if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders_kinds):
         capture.clear()  # the tower runs inside this forward
     return (), kwargs
+
+
+def _restarts(positions: torch.Tensor) -> bool:
+    """Whether ``position_ids`` (``[B, L]``, or rows of them, the first counting text
+    positions) go back along a row: another sequence starts there."""
+    first = positions if positions.dim() == 2 else positions[0]
+    return bool((first[:, 1:] < first[:, :-1]).any())
 
 
 def _decode_positions(inner, selector: VisionSelector, cache, kwargs) -> None:
@@ -334,9 +416,9 @@ def _decode_positions(inner, selector: VisionSelector, cache, kwargs) -> None:
 
 def _inner_post_hook(inner, args, output):
     selector: VisionSelector = inner.visionselector
-    pending = selector.__dict__.get("_pending_router")
-    if pending is not None and hasattr(output, "keys"):
-        pending["router_logits"] = output.get("router_logits")
+    state = selector.call_state
+    if state is not None and state.router is not None and hasattr(output, "keys"):
+        state.router_logits = output.get("router_logits")
     return attach_selection(output, selector.end_call())
 
 
@@ -345,60 +427,91 @@ def _language_model_pre_hook(language_model, args, kwargs):
     return (), language_model.visionselector.language_model_inputs(kwargs, language_model)
 
 
+@dataclasses.dataclass
+class CallState:
+    """One call of the conditional-generation model, made by its pre-hook and consumed by its
+    post-hook (``VisionSelector.call_state`` in between); the selection it makes is
+    ``VisionSelector.last``.
+
+    Attributes:
+        budget: the call's budget (``visionselector_budget``, or the selector's).
+        labels: the caller's labels, when the loss is computed after the forward on the kept
+            tokens (eval mode below budget 1.0); None when the model computes it.
+        loss_kwargs: what the model would hand its loss function besides the labels
+            (``shift_labels``, ``num_items_in_batch``).
+        as_tuple: the caller asked for a tuple (``return_dict=False``); the forward returns an
+            output, turned into the tuple after the loss.
+        router: the caller's attention mask, when an MoE model's balance loss is computed after
+            the forward over the tokens the language model saw; None otherwise.
+        router_logits: the routers' logits, recorded by the multimodal model's post-hook.
+    """
+
+    budget: float
+    labels: torch.Tensor | None = None
+    loss_kwargs: dict = dataclasses.field(default_factory=dict)
+    as_tuple: bool = False
+    router: dict | None = None
+    router_logits: tuple | None = None
+
+
 def _top_pre_hook(model, args, kwargs):
     selector: VisionSelector = model.visionselector
     kwargs = conventions.keywords(model, args, kwargs)
-    args = ()
-    # What an earlier call left behind when it raised must not reach this one.
-    for pending in ("_pending_labels", "_pending_budget", "_pending_router"):
-        selector.__dict__.pop(pending, None)
     budget = kwargs.pop(BUDGET_KEYWORD, None)
-    if budget is not None:
-        selector.__dict__["_pending_budget"] = budget
+    budget = selector.budget if budget is None else check_budget(budget, BUDGET_KEYWORD)
+    # Made anew by every call: what an earlier call left behind when it raised cannot reach this one.
+    selector.call_state = state = CallState(budget)
+    if budget == 1.0 or model.training:
+        return (), kwargs  # nothing is pruned: the model computes its own loss and outputs
+    as_tuple = kwargs.get(conventions.RETURN_DICT, model.config.return_dict) is False
     labels = kwargs.get(conventions.LABELS)
     # Pruned logits no longer line up with the labels: the loss is computed after the forward
     # on the labels of the kept tokens.
-    if labels is not None and not model.training:
-        if kwargs.get(conventions.RETURN_DICT) is False:
-            raise ValueError("with labels in eval mode the VisionSelector patch needs return_dict=True")
-        selector.__dict__["_pending_labels"] = kwargs.pop(conventions.LABELS)
+    if labels is not None:
+        state.labels = kwargs.pop(conventions.LABELS)
+        state.loss_kwargs = {k: kwargs[k] for k in conventions.LOSS_KEYWORDS if kwargs.get(k) is not None}
     wants_router = kwargs.get(conventions.OUTPUT_ROUTER_LOGITS)
     if wants_router is None:
         wants_router = getattr(model.config.get_text_config(), "output_router_logits", False)
-    if wants_router and not model.training and routes_experts(model):
+    if wants_router and routes_experts(model):
         # The model would weigh the routers of the pruned tokens with the caller's unpruned
         # attention mask; the balance loss is computed after the forward, on the pruned layout.
-        if kwargs.get(conventions.RETURN_DICT) is False:
-            raise ValueError("with output_router_logits in eval mode the VisionSelector patch needs return_dict=True")
         kwargs[conventions.OUTPUT_ROUTER_LOGITS] = False
-        selector.__dict__["_pending_router"] = {"attention_mask": kwargs.get(conventions.ATTENTION_MASK)}
-    return args, kwargs
+        state.router = {"attention_mask": kwargs.get(conventions.ATTENTION_MASK)}
+    if as_tuple and (state.labels is not None or state.router is not None):
+        kwargs[conventions.RETURN_DICT] = True
+        state.as_tuple = True
+    return (), kwargs
 
 
 def _top_post_hook(model, args, output):
     selector: VisionSelector = model.visionselector
+    state, selector.call_state = selector.call_state, None
     selection = selector.last
-    labels = selector.__dict__.pop("_pending_labels", None)
-    router = selector.__dict__.pop("_pending_router", None)
-    if labels is not None and hasattr(output, "logits"):
+    if state is None or not hasattr(output, "keys"):
+        return output
+    if state.labels is not None:
         vocab = model.config.get_text_config().vocab_size
-        output = replaced(output, loss=causal_lm_loss(model.loss_function, output.logits, labels, selection, vocab))
-    if router is not None and router.get("router_logits") is not None:
-        output = _with_router_balance_loss(model, output, router, selection, labels is not None)
+        loss = causal_lm_loss(model.loss_function, output.logits, state.labels, selection, vocab, **state.loss_kwargs)
+        output = replaced(output, loss=loss)
+    if state.router is not None and state.router_logits is not None:
+        output = _with_router_balance_loss(model, output, state, selection)
+    if state.as_tuple:
+        return output.to_tuple()
     return attach_selection(output, selection)
 
 
-def _with_router_balance_loss(model, output, router: dict, selection, labelled: bool):
+def _with_router_balance_loss(model, output, state: CallState, selection):
     """``output`` with the MoE balance loss (``aux_loss``) over the tokens the language model
     saw, added to the loss (by the config's coefficient) when there are labels, as transformers
     does."""
     if selection is not None and selection.keep is not None:
         mask = selection.attention_mask  # None: packed, every token real
     else:
-        mask = router["attention_mask"]
-    balance = router_balance_loss(model, router["router_logits"], mask)
+        mask = state.router["attention_mask"]
+    balance = router_balance_loss(model, state.router_logits, mask)
     changes = {"aux_loss": balance}
-    if labelled and output.get("loss") is not None:
+    if state.labels is not None and output.get("loss") is not None:
         coefficient = model.config.get_text_config().router_aux_loss_coef
         changes["loss"] = output["loss"] + coefficient * balance.to(output["loss"].device)
     return replaced(output, **changes)

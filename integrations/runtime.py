@@ -94,7 +94,8 @@ class Selection:
         lengths: the kept token count of each sample (the caller's padding is dropped; the
             kept tokens are re-padded on the left, or packed).
         attention_mask: int64 ``[B, L']``: the language model's mask of the re-padded kept
-            tokens (inference); None when packed.
+            tokens of this call (inference); None when packed.
+        padding_side: where the kept tokens were re-padded: the side the caller padded on.
     """
 
     keep: torch.Tensor | None = None
@@ -106,6 +107,7 @@ class Selection:
     max_seqlen: int | None = None
     lengths: list[int] | None = None
     attention_mask: torch.Tensor | None = None
+    padding_side: str = "left"
 
 
 @dataclasses.dataclass
@@ -118,6 +120,7 @@ class _Call:
     budget: float
     training: bool
     kinds: torch.Tensor | None = None  # int64 [B, L]: the placeholder kind of each token, -1 for text
+    placeholders: torch.Tensor | None = None  # bool [B, L]: every placeholder, padding included (the model's rows)
 
 
 @dataclasses.dataclass
@@ -127,6 +130,8 @@ class _Counts:
     visual: list[int]  # visual tokens per sample
     real: list[int]  # tokens per sample that are not padding
     per_item: list[list[int]] | None  # scope "image": per sample, its images' token counts in order
+    placeholders: list[int]  # placeholder tokens per sample, those under padding included
+    padding_side: str  # "left" or "right": where the caller's padding is
 
     def segments(self) -> list[int]:
         """Lengths of the scored segments, in the packed order of the visual tokens."""
@@ -143,8 +148,8 @@ class _Counts:
 
 @dataclasses.dataclass
 class _PrunedCache:
-    full_length: int  # L of the prefill the caller keeps counting in
-    pruned_mask: torch.Tensor  # int64 [B, L']: the attention mask of what the cache holds
+    full_length: int  # the caller's sequence length (its coordinates) when the record was made
+    pruned_mask: torch.Tensor  # int64 [B, L']: the attention mask of what the cache then held
 
 
 # The pruned prefill's record lives on the cache object itself, so that it follows the cache
@@ -214,6 +219,8 @@ class VisionSelector:
         self.vision_capture = None
         self._call: _Call | None = None
         self._call_cache = None  # the cache the multimodal model's call in progress was given
+        self._call_budget = None  # the budget of the multimodal model's call in progress
+        self.call_state = None  # the conditional-generation model's call in progress (patching.CallState)
 
     @property
     def method(self) -> SelectionMethod:
@@ -239,7 +246,7 @@ class VisionSelector:
     @property
     def call_budget(self) -> float:
         """The budget of the call in progress (a per-call budget, or :attr:`budget`)."""
-        return self._call.budget if self._call is not None else self.budget
+        return self._call_budget if self._call_budget is not None else self.budget
 
     @property
     def scope(self) -> str:
@@ -286,7 +293,7 @@ class VisionSelector:
     # -- per-call protocol -------------------------------------------------------------------
 
     def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False,
-                   kinds=None, cache=None) -> None:
+                   kinds=None, cache=None, placeholders=None) -> None:
         """Called by the integration before the multimodal forward: which tokens are visual.
 
         Args:
@@ -303,30 +310,27 @@ class VisionSelector:
                 :attr:`vision_capture` knows), -1 elsewhere; needed by methods that read the
                 vision tower's attention.
             cache: the call's KV cache (:func:`~vsops.integrations.conventions.cache_of`), or
-                None; its language model must be called with the same one. Visual tokens are
-                pruned at prefill only: a call that brings some to a non-empty cache is a
-                ValueError.
+                None; its language model must be called with the same one. Visual tokens that
+                arrive on a non-empty cache (images in a later turn) are selected among
+                themselves, and appended to what the cache holds.
+            placeholders: bool ``[B, L]``: every visual placeholder, those under the padding
+                mask included (the model builds rows for them too); default ``visual_mask``.
         """
         self.last = None
         self._call_cache = cache
+        budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
+        self._call_budget = budget
         if visual_mask is None:
             self._call = None
             return
-        cached = cache_length(cache)
-        if cached and bool(visual_mask.any()):
-            raise ValueError(
-                f"input_ids hold {int(visual_mask.sum())} image or video placeholder tokens but the KV cache "
-                f"already holds {cached} tokens: VisionSelector selects visual tokens at prefill only; start from "
-                "an empty cache for a prompt with images or videos"
-            )
-        budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
-        self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, budget, training, kinds)
+        self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, budget, training, kinds,
+                           visual_mask if placeholders is None else placeholders)
 
     def end_call(self) -> Selection | None:
         """Ends the call; returns what was selected (also kept as :attr:`last`)."""
-        self._call = self._call_cache = None
+        self._call = self._call_cache = self._call_budget = None
         return self.last
 
     @staticmethod
@@ -366,21 +370,21 @@ class VisionSelector:
                 "cannot tell whether it continues a pruned prefill (see vsops.integrations.conventions)"
             )
         past = cache_length(cache)
-        if past > 0:
-            # begin_call refused visual tokens on a non-empty cache
-            return self._decode_inputs(kwargs, cache, past)
         if call is None:
-            return kwargs
+            return self._unpruned_inputs(kwargs, cache, past)
         embeds = kwargs[INPUTS_EMBEDS]
         if call.visual_mask.shape != embeds.shape[:2]:
             raise ValueError(
                 f"the visual mask is {tuple(call.visual_mask.shape)} but inputs_embeds is {tuple(embeds.shape)}"
             )
         counts = self._counts(call)
-        if sum(counts.visual) == 0:
-            return kwargs
+        if sum(counts.visual) == 0 or (not call.training and sum(counts.kept(call.budget)) == sum(counts.real)):
+            # Nothing to prune (every segment keeps all its tokens): the method is not asked,
+            # and the language model sees the call as it would unpatched.
+            return self._unpruned_inputs(kwargs, cache, past)
         visual = select_and_pack(call.visual_mask, embeds, counts=counts.visual)
-        visual_rows = self._visual_rows(kwargs, visual.indices.numel())
+        rows_of = select_and_pack(call.placeholders, counts=counts.placeholders).indices
+        visual_rows = self._visual_rows(kwargs, rows_of.numel())
         segments = counts.segments()
         cu = cu_seqlens_from_counts(segments, embeds.device)
         method = self.method
@@ -403,10 +407,7 @@ class VisionSelector:
             )
             if call.training:
                 k = self._segment_k(segments, call, cu)
-                return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual, visual_rows)
-        elif call.budget == 1.0:
-            # Every token stays: the method is not asked (nor the vision tower's attention read).
-            keep = torch.ones_like(call.visual_mask)
+                return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual, visual_rows, rows_of)
         else:
             k = self._segment_k(segments, call, cu)
             extra = {"vision": self._vision_attention(call, method)} if VISION_ATTENTION in method.needs else {}
@@ -416,17 +417,21 @@ class VisionSelector:
                 # The method's embeddings take the kept tokens' places before the gather.
                 rows = embeds.reshape(b * length, -1).index_copy(0, visual.indices, chosen.embeds.to(embeds.dtype))
                 kwargs = {**kwargs, INPUTS_EMBEDS: rows.view_as(embeds)}
-            if chosen.merged_into is not None:
-                # A merged token's other rows (deepstack features) merge as its embedding did.
-                into = chosen.merged_into
+            if chosen.merged_into is not None and visual_rows:
+                # A merged token's other rows (deepstack features) merge as its embedding did:
+                # the merge targets, numbered over the visual tokens, renumbered over the rows.
+                row_of_visual = _row_of_visual(call, visual.indices, rows_of)
+                into = torch.full((rows_of.numel(),), -1, dtype=torch.long, device=rows_of.device)
+                merged = chosen.merged_into.to(rows_of.device)
+                into[row_of_visual] = torch.where(merged >= 0, row_of_visual[merged.clamp(min=0)], -1)
                 visual_rows = _each_tensor(visual_rows, lambda t: merge_rows(t, into.to(t.device)))
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
         lengths = counts.kept(call.budget)
-        out = self._pruned_inputs(kwargs, language_model, keep, lengths)
+        out = self._pruned_inputs(kwargs, language_model, keep, lengths, counts.padding_side, cache, past)
         if visual_rows:
             kept_visual = sum(lengths) - (sum(counts.real) - sum(counts.visual))
-            out.update(self._kept_visual_rows(visual_rows, keep, visual.indices, kept_visual))
+            out.update(self._kept_visual_rows(visual_rows, keep, rows_of, kept_visual))
         return out
 
     # -- the pieces ----------------------------------------------------------------------------
@@ -438,7 +443,9 @@ class VisionSelector:
         visual = call.visual_mask
         b, length = visual.shape
         real = visual.new_ones(()) if call.attention_mask is None else call.attention_mask.bool()
-        columns = [visual.sum(1, keepdim=True), real.expand(b, length).sum(1, keepdim=True)]
+        real = real.expand(b, length)
+        columns = [visual.sum(1, keepdim=True), real.sum(1, keepdim=True), call.placeholders.sum(1, keepdim=True),
+                   real[:, :1].long(), real[:, -1:].long()]
         if call.image_ids is not None:
             cells = b * call.items  # one per (sample, image); the last slot takes the text tokens
             slot = torch.where(visual, torch.arange(b, device=visual.device).unsqueeze(1) * call.items + call.image_ids, cells)
@@ -446,12 +453,12 @@ class VisionSelector:
             per.scatter_add_(0, slot.reshape(-1), torch.ones(b * length, dtype=torch.long, device=visual.device))
             columns.append(per[:cells].view(b, call.items))
         rows = torch.cat(columns, 1).tolist()  # the one host sync
-        visual_counts, real_counts = [r[0] for r in rows], [r[1] for r in rows]
-        if call.image_ids is None:
-            return _Counts(visual_counts, real_counts, None)
+        visual_counts, real_counts, placeholders = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        padding_side = _padding_side([r[3] for r in rows], [r[4] for r in rows])
         # Ids follow the order of appearance, so a sample's ids in increasing order are its
         # images in the packed order of its visual tokens.
-        return _Counts(visual_counts, real_counts, [[n for n in r[2:] if n > 0] for r in rows])
+        per_item = None if call.image_ids is None else [[n for n in r[5:] if n > 0] for r in rows]
+        return _Counts(visual_counts, real_counts, per_item, placeholders, padding_side)
 
     @staticmethod
     def _segment_k(segments: list[int], call: _Call, cu: torch.Tensor) -> torch.Tensor:
@@ -472,30 +479,31 @@ class VisionSelector:
         first = ids.masked_fill(ids < 0, call.items).amin(1, keepdim=True)
         return torch.where(call.visual_mask, ids - first, -1)
 
-    def _visual_rows(self, kwargs, visual_tokens: int) -> dict:
+    def _visual_rows(self, kwargs, placeholders: int) -> dict:
         """The language model's :data:`VISUAL_ROWS` inputs of this call, each checked to hold
-        one row per visual token."""
+        one row per placeholder token (those under padding included, as the model builds them)."""
         found = {}
         for name, layout in self.token_inputs.items():
             value = kwargs.get(name)
             if layout != VISUAL_ROWS or value is None:
                 continue
             for tensor in _tensors_of(value):
-                if tensor.shape[0] != visual_tokens:
+                if tensor.shape[0] != placeholders:
                     raise ValueError(
-                        f"the language model's {name} has {tensor.shape[0]} rows, but the call has {visual_tokens} "
-                        "visual tokens (placeholders outside the padding): its rows must follow them one to one"
+                        f"the language model's {name} has {tensor.shape[0]} rows, but the call has {placeholders} "
+                        "visual placeholder tokens: its rows must follow them one to one"
                     )
             found[name] = value
         return found
 
     @staticmethod
-    def _kept_visual_rows(visual_rows: dict, keep, indices, kept: int) -> dict:
-        """The :data:`VISUAL_ROWS` inputs reduced to the rows of the kept visual tokens
-        (``kept`` of them, a host count), every tensor of every input in one pack."""
+    def _kept_visual_rows(visual_rows: dict, keep, rows_of, kept: int) -> dict:
+        """The :data:`VISUAL_ROWS` inputs reduced to the rows of the kept placeholder tokens
+        (``kept`` of them, a host count; ``rows_of``: the flat position of each row's token),
+        every tensor of every input in one pack."""
         tensors = [t for value in visual_rows.values() for t in _tensors_of(value)]
         device = tensors[0].device
-        kept_visual = keep.reshape(-1).index_select(0, indices).to(device).view(1, -1)
+        kept_visual = keep.reshape(-1).index_select(0, rows_of).to(device).view(1, -1)
         packed = select_and_pack(kept_visual, *(t.reshape(1, t.shape[0], -1) for t in tensors), counts=[kept]).tensors
         out, start = {}, 0
         for name, value in visual_rows.items():
@@ -505,7 +513,7 @@ class VisionSelector:
             start += len(parts)
         return out
 
-    def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, keep, visual, visual_rows: dict) -> dict:
+    def _soft_inputs(self, kwargs, call: _Call, scores, k, cu, keep, visual, visual_rows: dict, rows_of) -> dict:
         soft = difftopk(scores, k, cu_seqlens=cu)
         factor = unpack(soft, visual.indices, visual.batch, visual.length, fill=1.0)
         embeds = kwargs[INPUTS_EMBEDS]
@@ -516,7 +524,10 @@ class VisionSelector:
             constraint_loss=constraint_loss(soft, keep.reshape(-1).index_select(0, visual.indices)),
         )
         # A softly dropped token's rows are scaled as its embedding is: inference drops both.
-        scaled = _each_tensor(visual_rows, lambda t: t * soft.to(t.device, t.dtype).view(-1, *(1,) * (t.dim() - 1)))
+        # Rows of placeholders under padding keep a factor of 1.
+        row_factor = factor.reshape(-1).index_select(0, rows_of)
+        scaled = _each_tensor(visual_rows,
+                              lambda t: t * row_factor.to(t.device, t.dtype).view(-1, *(1,) * (t.dim() - 1)))
         return {**kwargs, INPUTS_EMBEDS: embeds * factor.unsqueeze(-1).to(embeds.dtype), **scaled}
 
     def _use_packed(self, kwargs, config) -> bool:
@@ -537,15 +548,17 @@ class VisionSelector:
             )
         return possible
 
-    def _pruned_inputs(self, kwargs, language_model, keep, lengths) -> dict:
+    def _pruned_inputs(self, kwargs, language_model, keep, lengths, padding_side, cache, past) -> dict:
         config = language_model.config
         embeds = kwargs[INPUTS_EMBEDS]
         b, length = keep.shape
         rows = self.position_rows
+        full_past = past + self._shift(cache)
+        self._check_cache_position(kwargs, past, full_past)
         positions = kwargs.get(POSITION_IDS)
         if positions is None:
             # What the language model would have used for the full sequence.
-            positions = torch.arange(length, device=embeds.device).view(1, 1, -1)
+            positions = torch.arange(full_past, full_past + length, device=embeds.device).view(1, 1, -1)
         elif positions.dim() == 2:
             positions = positions.unsqueeze(0)
         # Only the rope rows: a language model may take more (Qwen2.5-VL's 4-row form carries
@@ -565,63 +578,95 @@ class VisionSelector:
             out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = packed.cu_seqlens
             out["max_length_q"] = out["max_length_k"] = packed.max_seqlen
             self.last = Selection(keep=keep, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen, lengths=lengths)
-        else:
-            padded = select_and_pad(keep, embeds, positions, *per_token, padding_side="left",
-                                    pad_values=(0, 1, *(0,) * len(per_token)), counts=lengths)
-            out[INPUTS_EMBEDS], padded_positions = padded.tensors[:2]
-            out[POSITION_IDS] = padded_positions if rows > 1 else padded_positions[0]
-            out.update(zip(names, padded.tensors[2:]))
-            out[ATTENTION_MASK] = mask = padded.attention_mask
-            self.last = Selection(keep=keep, lengths=lengths, attention_mask=mask)
-            cache = cache_of(kwargs)
-            if cache is None and _resolved_use_cache(kwargs, config):
-                # Made here rather than inside the language model, so that the decode steps on
-                # it can be recognized.
-                from transformers.cache_utils import DynamicCache
+            return out
+        padded = select_and_pad(keep, embeds, positions, *per_token, padding_side=padding_side,
+                                pad_values=(0, 1, *(0,) * len(per_token)), counts=lengths)
+        out[INPUTS_EMBEDS], padded_positions = padded.tensors[:2]
+        out[POSITION_IDS] = padded_positions if rows > 1 else padded_positions[0]
+        out.update(zip(names, padded.tensors[2:]))
+        mask = padded.attention_mask
+        self.last = Selection(keep=keep, lengths=lengths, attention_mask=mask, padding_side=padding_side)
+        if past:
+            # The cache keeps what it holds; this call's kept tokens are appended after it.
+            held = self._cache_mask(cache, past, kwargs.get(ATTENTION_MASK))
+            held = mask.new_ones(b, past) if held is None else held.to(mask.dtype)
+            mask = torch.cat([held, mask], dim=1)
+        out[ATTENTION_MASK] = mask
+        if cache is None and _resolved_use_cache(kwargs, config):
+            # Made here rather than inside the language model, so that the steps on it can be
+            # recognized.
+            from transformers.cache_utils import DynamicCache
 
-                cache = DynamicCache(config=config)
-                out = with_cache(out, cache, language_model)
-            if cache is not None:
-                setattr(cache, _PRUNED_ATTRIBUTE, _PrunedCache(length, mask))
+            cache = DynamicCache(config=config)
+            out = with_cache(out, cache, language_model)
+        if cache is not None:
+            setattr(cache, _PRUNED_ATTRIBUTE, _PrunedCache(full_past + length, mask))
         if kwargs.get(CACHE_POSITION) is not None:
-            start = kwargs[CACHE_POSITION][:1]
-            out[CACHE_POSITION] = start + torch.arange(out[INPUTS_EMBEDS].shape[1], device=start.device)
+            out[CACHE_POSITION] = past + torch.arange(out[INPUTS_EMBEDS].shape[1], device=kwargs[CACHE_POSITION].device)
         return out
 
-    def _decode_inputs(self, kwargs, cache, past: int) -> dict:
+    @staticmethod
+    def _shift(cache) -> int:
+        """How many tokens of the caller's sequence the cache lacks (those pruned)."""
+        pruned = _pruned_record(cache)
+        return 0 if pruned is None else pruned.full_length - pruned.pruned_mask.shape[1]
+
+    @staticmethod
+    def _cache_mask(cache, past: int, caller_mask) -> torch.Tensor | None:
+        """The attention mask of what ``cache`` holds (``past`` tokens), int64 ``[B, past]``:
+        a pruned prefill's recorded mask and the caller's columns of the tokens cached since; for
+        a cache never pruned, the caller's mask of the cached tokens. None when neither is known
+        (no record and no mask)."""
         pruned = _pruned_record(cache)
         if pruned is None:
+            return None if caller_mask is None else caller_mask[:, :past]
+        since = past - pruned.pruned_mask.shape[1]
+        if caller_mask is None:
+            tail = pruned.pruned_mask.new_ones(pruned.pruned_mask.shape[0], since)
+        else:
+            tail = caller_mask[:, pruned.full_length : pruned.full_length + since].to(pruned.pruned_mask.dtype)
+        return torch.cat([pruned.pruned_mask, tail], dim=1)
+
+    @staticmethod
+    def _check_cache_position(kwargs, past: int, full_past: int) -> None:
+        """The caller counts in its (unpruned) sequence: a call whose ``cache_position`` counts
+        in the pruned cache (e.g. generate continuing from a pruned cache it did not fill) would
+        misplace its tokens."""
+        position = kwargs.get(CACHE_POSITION)
+        if position is not None and full_past != past and int(position[0]) != full_past:
+            raise ValueError(
+                f"cache_position starts at {int(position[0])}, but after a pruned prefill the next token is at "
+                f"{full_past} of the unpruned sequence ({past} cached + {full_past - past} pruned): continue with "
+                "positions and attention_mask in the unpruned sequence's coordinates"
+            )
+
+    def _unpruned_inputs(self, kwargs, cache, past: int) -> dict:
+        """A call that prunes nothing: as the caller made it, but on a cache a selector pruned,
+        with the attention mask (and ``cache_position``) rewritten to what the cache holds."""
+        pruned = _pruned_record(cache)
+        if past == 0 or pruned is None:
             return kwargs
         out = dict(kwargs)
         mask = kwargs.get(ATTENTION_MASK)
-        shift = pruned.full_length - pruned.pruned_mask.shape[1]
-        embeds = kwargs.get(INPUTS_EMBEDS)
-        new_tokens = embeds.shape[1] if embeds is not None else None
-        position = kwargs.get(CACHE_POSITION)
-        # The caller counts in the unpruned sequence: a step that counts in the pruned cache
-        # (e.g. generate continuing from a pruned cache it did not fill) would misplace tokens.
-        if position is not None and int(position[0]) != past + shift:
-            raise ValueError(
-                f"cache_position starts at {int(position[0])}, but after a pruned prefill the next token is at "
-                f"{past + shift} of the unpruned sequence ({past} cached + {shift} pruned): continue with "
-                "positions and attention_mask in the unpruned sequence's coordinates"
-            )
+        shift = self._shift(cache)
+        new_tokens = kwargs[INPUTS_EMBEDS].shape[1]
+        self._check_cache_position(kwargs, past, past + shift)
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 raise ValueError(
-                    "after a pruned prefill, decode steps need the 2-D attention mask (a DynamicCache, "
-                    "not a static cache with a prepared 4-D mask)"
+                    "after a pruned prefill, later steps need the 2-D attention mask (a dynamic cache, not a static "
+                    "cache with a prepared 4-D mask)"
                 )
-            if new_tokens is not None and mask.shape[1] != past + shift + new_tokens:
+            if mask.shape[1] != past + shift + new_tokens:
                 raise ValueError(
                     f"attention_mask has {mask.shape[1]} columns; after a pruned prefill it must cover the "
                     f"unpruned sequence: {past + shift + new_tokens} ({past} cached + {shift} pruned + "
                     f"{new_tokens} new)"
                 )
-            tail = mask[:, pruned.full_length:].to(pruned.pruned_mask.dtype)
-            out[ATTENTION_MASK] = torch.cat([pruned.pruned_mask, tail], dim=1)
-        if position is not None:
-            out[CACHE_POSITION] = position - shift
+            held = self._cache_mask(cache, past, mask)
+            out[ATTENTION_MASK] = torch.cat([held, mask[:, past + shift:].to(held.dtype)], dim=1)
+        if kwargs.get(CACHE_POSITION) is not None:
+            out[CACHE_POSITION] = kwargs[CACHE_POSITION] - shift
         return out
 
 
@@ -681,3 +726,20 @@ def _checked(chosen, method, x, k, cu) -> Selected:
 def _resolved_use_cache(kwargs, config) -> bool:
     """Whether the language model will fill a cache: its ``use_cache``, or the config's."""
     return config.use_cache if kwargs.get(USE_CACHE) is None else bool(kwargs[USE_CACHE])
+
+
+def _padding_side(first_real: list[int], last_real: list[int]) -> str:
+    """Where a batch is padded, from whether each sample's first and last tokens are real:
+    "right" when some sample ends in padding, else "left". Both is a ValueError: the pruned
+    tokens could not keep each sample's side."""
+    left, right = 0 in first_real, 0 in last_real
+    if left and right:
+        raise ValueError("attention_mask pads some samples on the left and others on the right (or both sides of "
+                         "one): below budget 1.0 VisionSelector keeps one padding side per batch")
+    return "right" if right else "left"
+
+
+def _row_of_visual(call: _Call, visual_indices: torch.Tensor, rows_of: torch.Tensor) -> torch.Tensor:
+    """For each visual token (packed order), its row among the placeholders' rows."""
+    rank = torch.cumsum(call.placeholders.reshape(-1).long(), 0) - 1
+    return rank.index_select(0, visual_indices).to(rows_of.device)

@@ -25,7 +25,8 @@ if importlib.util.find_spec("transformers") is not None:
 @dataclasses.dataclass(frozen=True)
 class ModelSetup:
     """name: the adapter's name. make_model(attn, seed): an unpatched eval-mode model.
-    make_batch(prompts, seed): its inputs for prompts of text/("image", h, w)/("video", t, h, w).
+    make_batch(prompts, seed, padding_side): its inputs for prompts of text/("image", h, w)/("video", t,
+    h, w).
     lm_positions(rows): the language model's ``position_ids`` for one sample from its rope rows
     ``[R, n]``. decode_positions(model, longer, token): the ``position_ids`` a hand-written
     decode step passes (None: the model derives them). skip: why this transformers cannot run it."""
@@ -51,10 +52,10 @@ def _qwen_model(model_type, attn="sdpa", seed=0, **config):
     return model_cls(tiny_qwen_vl_config(model_type, attn_implementation=attn, **config)).eval()
 
 
-def _qwen_batch(model_type, prompts, seed=1):
+def _qwen_batch(model_type, prompts, seed=1, padding_side="left"):
     from vsops.integrations.testing import qwen_vl_batch
 
-    return qwen_vl_batch(prompts, model_type, seed=seed)
+    return qwen_vl_batch(prompts, model_type, seed=seed, padding_side=padding_side)
 
 
 def _qwen_unavailable(model_type) -> str | None:
@@ -94,10 +95,10 @@ def _llava_model(attn="sdpa", seed=0):
     return AutoModelForCausalLM.from_pretrained(_llava_dir(seed), trust_remote_code=True, attn_implementation=attn).eval()
 
 
-def _llava_batch(prompts, seed=1):
+def _llava_batch(prompts, seed=1, padding_side="left"):
     from vsops.integrations.testing import llava_ov_1_5_batch
 
-    return llava_ov_1_5_batch(prompts, seed=seed)
+    return llava_ov_1_5_batch(prompts, seed=seed, padding_side=padding_side)
 
 
 def _qwen_setup(model_type: str) -> ModelSetup:

@@ -212,10 +212,13 @@ def selector_seconds(model, batch, device, repeats: int = SELECTOR_REPEATS) -> f
 
 
 def kept_tokens(model, batch) -> int:
-    """L': the tokens the language model sees in a patched prefill (raises if nothing was
-    selected, i.e. the patch is not active)."""
-    selection = prefill_fn(model, batch)().visionselector
-    return int(selection.lengths[0])
+    """L': the tokens the language model sees in a patched prefill of one sample (a ValueError
+    if the model is not patched)."""
+    from vsops.integrations import is_visionselector_applied, kept_mask
+
+    if not is_visionselector_applied(model):
+        raise ValueError("the model does not carry VisionSelector")
+    return int(kept_mask(prefill_fn(model, batch)(), batch.get("attention_mask"), batch["input_ids"].shape)[0].sum())
 
 
 def _status_kib(key: str) -> int:

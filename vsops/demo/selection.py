@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from vsops.integrations.outputs import kept_mask
 from vsops.training.data import collate_for_model
 
 __all__ = ["Board", "board_selections", "merged_tokens"]
@@ -54,7 +55,7 @@ def board_selections(model, task, indices, budgets, methods, progress=None) -> l
                 with model.visionselector.using(method=method, budget=budget) as selector:
                     selector.method.reset()
                     out = model(**batch, use_cache=False)
-                kept = out.visionselector.keep[0][visual]
+                kept = kept_mask(out, batch.get("attention_mask"), batch["input_ids"].shape)[0][visual]
                 keep.setdefault(method, {})[budget] = kept.view(task.grid, task.grid)
                 predicted = int(out.logits[0, -1, answers].argmax())
                 correct.setdefault(method, {})[budget] = predicted == colour

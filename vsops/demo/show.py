@@ -44,7 +44,7 @@ def select_on_image(model_dir, image_path, *, budget: float = 0.2, method: str =
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from vsops.demo.selection import merged_tokens
-    from vsops.integrations import adapter_for, from_pretrained
+    from vsops.integrations import adapter_for, from_pretrained, kept_mask
 
     if not Path(model_dir, "config.json").is_file():
         raise ValueError(f"{model_dir} is not a model directory (no config.json)")
@@ -71,7 +71,8 @@ def select_on_image(model_dir, image_path, *, budget: float = 0.2, method: str =
     tower = adapter.vision_tower(inner)
     merge = int(round(adapter.merge_unit(tower) ** 0.5))
     shape = (int(grid[0, 1]) // merge, int(grid[0, 2]) // merge)
-    keep = out.visionselector.keep[0][visual].view(shape)
+    model_keep = kept_mask(out, batch["attention_mask"])[0]
+    keep = model_keep[visual].view(shape)
     scores = None
     if method == "visionselector":
         merged = merged_tokens(tower, batch["pixel_values"], grid)
@@ -79,7 +80,7 @@ def select_on_image(model_dir, image_path, *, budget: float = 0.2, method: str =
         scores = model.visionselector.scorer(merged.to(model.visionselector.scorer.q_proj.weight.dtype), cu)
         scores = scores.float().view(shape)
     image = torch.from_numpy(numpy.array(picture)).permute(2, 0, 1).float() / 255
-    return Shown(image, keep, scores, method, budget, out.visionselector.keep[0], visual)
+    return Shown(image, keep, scores, method, budget, model_keep, visual)
 
 
 def show_figure(shown: Shown):

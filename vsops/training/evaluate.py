@@ -6,6 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
+from vsops.integrations.outputs import kept_mask
 from vsops.training.data import Example, collate_for_model
 
 __all__ = ["answer_metrics", "answer_accuracy", "answer_tables", "pruned_loss", "loss_table"]
@@ -67,10 +68,10 @@ def answer_metrics(
             correct += int((candidates[logits.argmax(-1)] == target).sum())
             if needles is not None:
                 width = batch["input_ids"].shape[1]
-                keep = out.visionselector.keep if out.get("visionselector") is not None else None
+                keep = kept_mask(out, batch.get("attention_mask"), batch["input_ids"].shape)
                 for row, (e, needle) in enumerate(zip(chunk, needles[start : start + batch_size])):
                     # prompts are padded on the left
-                    kept += 1 if keep is None else int(keep[row, width - e.prompt_length + needle])
+                    kept += int(keep[row, width - e.prompt_length + needle])
     metrics = {"accuracy": correct / len(examples)}
     if needles is not None:
         metrics["needle_kept"] = kept / len(examples)

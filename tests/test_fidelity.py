@@ -1,0 +1,376 @@
+"""Drop-in fidelity, for every registered model (tests/model_setups.py): where a call prunes
+nothing (budget 1.0) the patched model is the unpatched model, output for output and bit for
+bit, however transformers calls it; below 1.0 every calling convention it supports gives what
+the contract suite's oracles give, and the others are refused by name.
+
+CI runs this file under the newest transformers of the range and the 4.57 line (LLaVA-OV-1.5).
+"""
+import copy
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from vsops.integrations import apply_visionselector, revert_visionselector  # noqa: E402
+
+from model_setups import SETUPS  # noqa: E402
+
+PROMPTS = [[3, ("image", 8, 8), 4], [2, ("image", 4, 8), 5], [9]]
+
+
+@pytest.fixture(params=SETUPS, ids=[s.name for s in SETUPS])
+def setup(request):
+    if request.param.skip:
+        pytest.skip(request.param.skip)
+    return request.param
+
+
+def patched(model, budget, **settings):
+    out = copy.deepcopy(model)
+    apply_visionselector(out, budget=budget, **settings)
+    g = torch.Generator().manual_seed(3)  # a scorer with a clear ranking (the published init near-ties)
+    for p in out.model.visual.importance_scorer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g))
+    return out
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a cache holds, layer by layer (keys, values, recurrent states)."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        out += [v for _, v in sorted(vars(layer).items()) if isinstance(v, torch.Tensor)]
+    return out
+
+
+def assert_same(actual, expected, path="output"):
+    """The same output, bit for bit: class, keys, every tensor (caches by their contents)."""
+    assert type(actual) is type(expected), (path, type(actual), type(expected))
+    if isinstance(expected, torch.Tensor):
+        assert actual.shape == expected.shape, (path, actual.shape, expected.shape)
+        assert torch.equal(actual, expected), path
+    elif isinstance(expected, (tuple, list)):
+        assert len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{path}[{i}]")
+    elif hasattr(expected, "keys"):
+        assert list(actual.keys()) == list(expected.keys()), (path, list(actual.keys()), list(expected.keys()))
+        for key in expected.keys():
+            assert_same(actual[key], expected[key], f"{path}.{key}")
+    elif hasattr(expected, "get_seq_length"):
+        assert actual.get_seq_length() == expected.get_seq_length(), path
+        assert_same(cache_tensors(actual), cache_tensors(expected), f"{path} (cache)")
+    else:
+        assert actual == expected, path
+
+
+def takes(model, name) -> bool:
+    """Whether ``model``'s forward accepts the keyword ``name`` (LLaVA-OV-1.5's remote code names
+    each of its keywords and takes no others)."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def both(model, pmodel, **call):
+    with torch.no_grad():
+        return model(**copy.deepcopy(call)), pmodel(**copy.deepcopy(call))
+
+
+# -- budget 1.0: the unpatched model ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_budget_one_is_the_unpatched_model_padded_on_either_side(setup, padding_side):
+    model = setup.make_model("eager")
+    pmodel = patched(model, 1.0)
+    batch = setup.make_batch(PROMPTS, padding_side=padding_side)
+    expected, actual = both(model, pmodel, **batch, output_hidden_states=True, output_attentions=True)
+    assert_same(actual, expected)
+    if takes(model, "logits_to_keep"):
+        expected, actual = both(model, pmodel, **batch, logits_to_keep=1)
+        assert_same(actual, expected)
+
+
+def test_budget_one_is_the_unpatched_model_on_inputs_embeds(setup):
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(batch.pop("input_ids"))
+    expected, actual = both(model, patched(model, 1.0), **batch, inputs_embeds=embeds)
+    assert_same(actual, expected)
+
+
+def test_budget_one_is_the_unpatched_model_with_labels_and_the_trainers_loss_keywords(setup):
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    pmodel = patched(model, 1.0)
+    for extra in ({}, {"shift_labels": shift}, {"num_items_in_batch": torch.tensor(7)}, {"return_dict": False}):
+        if not all(takes(model, k) for k in extra):
+            continue
+        expected, actual = both(model, pmodel, **batch, labels=labels, **extra)
+        assert_same(actual, expected)
+
+
+def test_budget_one_is_the_unpatched_model_on_a_padding_free_row(setup):
+    # Two sequences in one row, positions restarting at 0 and no attention mask, as
+    # DataCollatorWithFlattening makes them.
+    model = setup.make_model()
+    first, second = setup.make_batch(PROMPTS[:1]), setup.make_batch(PROMPTS[2:], seed=2)
+    row = {k: torch.cat([first[k], second[k]], 1) for k in ("input_ids",) if k in first}
+    row.update({k: v for k, v in first.items() if k.startswith("pixel") or k.endswith("grid_thw")})
+    if "mm_token_type_ids" in first:
+        row["mm_token_type_ids"] = torch.cat([first["mm_token_type_ids"], second["mm_token_type_ids"]], 1)
+    positions = torch.cat([torch.arange(first["input_ids"].shape[1]), torch.arange(second["input_ids"].shape[1])])
+    row["position_ids"] = positions.view(1, -1)
+    pmodel = patched(model, 1.0)
+    expected, actual = both(model, pmodel, **row, use_cache=False)
+    assert_same(actual, expected)
+    pmodel.visionselector.budget = 0.25
+    with pytest.raises(ValueError, match="position_ids restart within a row"), torch.no_grad():
+        pmodel(**row, use_cache=False)
+
+
+def test_budget_one_generates_as_the_unpatched_model(setup):
+    model = setup.make_model()
+    pmodel = patched(model, 1.0)
+    batch = setup.make_batch(setup.generate_prompts)
+    settings = [dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True),
+                dict(max_new_tokens=3, do_sample=False, num_beams=2)]
+    for options in settings:
+        with torch.no_grad():
+            expected = model.generate(**batch, **options)
+            actual = pmodel.generate(**batch, **options)
+        assert_same(actual, expected)
+
+
+def test_budget_one_generates_with_a_static_cache_as_the_unpatched_model(setup):
+    model = setup.make_model()
+    batch = setup.make_batch(setup.generate_prompts)
+    options = dict(max_new_tokens=3, do_sample=False, cache_implementation="static")
+    try:
+        with torch.no_grad():
+            expected = model.generate(**batch, **options)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+        pytest.skip(f"the unpatched model does not generate with a static cache here: {e}")
+    pmodel = patched(model, 1.0)
+    with torch.no_grad():
+        assert_same(pmodel.generate(**batch, **options), expected)
+    # Below 1.0 the prepared 4-D masks cannot be pruned: refused by name.
+    pmodel.visionselector.budget = 0.25
+    with pytest.raises(ValueError, match="4-D mask"), torch.no_grad():
+        pmodel.generate(**batch, **options)
+
+
+def test_budget_one_continues_a_cache_whose_mask_covers_the_cached_tokens(setup):
+    # A second chat turn: new tokens on the cache of the first, the mask covering both.
+    model = setup.make_model()
+    pmodel = patched(model, 1.0)
+    batch = setup.make_batch(PROMPTS[:1])
+    turn = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        expected_first, actual_first = model(**batch), pmodel(**batch)
+    step = dict(input_ids=turn, attention_mask=torch.ones(1, batch["input_ids"].shape[1] + 3, dtype=torch.long))
+    position = setup.decode_positions(model, dict(batch, attention_mask=step["attention_mask"]), turn)
+    if position is not None:
+        step["position_ids"] = position + torch.arange(-2, 1).view(1, 1, 3)
+    expected = model(**step, past_key_values=expected_first.past_key_values)
+    actual = pmodel(**step, past_key_values=actual_first.past_key_values)
+    assert_same(actual, expected)
+
+
+# -- below 1.0: every convention, or a clear error -------------------------------------------
+
+
+def kept_logits(out):
+    """Per sample, the logits of its kept tokens in order (the padding dropped)."""
+    mask = out.visionselector.attention_mask.bool()
+    return [out.logits[b][mask[b]] for b in range(mask.shape[0])]
+
+
+def test_right_padding_stays_on_the_right(setup):
+    model = patched(setup.make_model(), 0.25)
+    with torch.no_grad():
+        left = model(**setup.make_batch(PROMPTS))
+        right = model(**setup.make_batch(PROMPTS, padding_side="right"))
+    assert right.visionselector.padding_side == "right" and left.visionselector.padding_side == "left"
+    mask = right.visionselector.attention_mask
+    assert mask[:, 0].all() and not mask[:, -1].all()  # each row starts with its tokens
+    for r, l in zip(kept_logits(right), kept_logits(left)):
+        torch.testing.assert_close(r, l, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_embeds_with_pixels_select_as_input_ids_do(setup):
+    unpatched = setup.make_model()
+    model = patched(unpatched, 0.25)
+    batch = setup.make_batch(PROMPTS)
+    # The positions of the input_ids call for both (without input_ids the models cannot
+    # compute their 3-D rope positions themselves).
+    positions = full_positions(unpatched, batch)
+    if positions is not None:
+        batch["position_ids"] = positions
+    with torch.no_grad():
+        by_ids = model(**batch)
+        ids = batch.pop("input_ids")
+        embeds = model.get_input_embeddings()(ids)
+        if not torch.equal(unpatched(**batch, inputs_embeds=embeds).logits, unpatched(**batch, input_ids=ids).logits):
+            pytest.skip("the unpatched model does not find the placeholders in inputs_embeds either")
+        by_embeds = model(**batch, inputs_embeds=embeds)
+    assert torch.equal(by_embeds.visionselector.keep, by_ids.visionselector.keep)
+    torch.testing.assert_close(by_embeds.logits, by_ids.logits, rtol=0, atol=0)
+
+
+def test_the_trainers_loss_keywords_on_the_pruned_tokens(setup):
+    model = patched(setup.make_model(), 0.25)
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    if not takes(model, "shift_labels"):
+        pytest.skip(f"{type(model).__name__}.forward takes no loss keywords")
+    with torch.no_grad():
+        by_labels = model(**batch, labels=labels)
+        by_shift = model(**batch, labels=labels, shift_labels=shift)
+        seven = model(**batch, labels=labels, num_items_in_batch=torch.tensor(7))
+        three = model(**batch, labels=labels, num_items_in_batch=torch.tensor(3))
+        as_tuple = model(**batch, labels=labels, return_dict=False)
+    torch.testing.assert_close(by_shift.loss, by_labels.loss, rtol=0, atol=0)
+    # The summed loss over the kept targets, divided by the Trainer's count.
+    torch.testing.assert_close(seven.loss * 7, three.loss * 3, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(seven.loss, three.loss)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], by_labels.loss, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[1], by_labels.logits, rtol=0, atol=0)
+
+
+def test_images_in_a_later_turn_are_selected_as_in_one_prefill(setup):
+    # Turn 1: text and an image; turn 2, on turn 1's pruned cache: text and another image. With a
+    # budget per image, the cache then holds what one prefill of both turns keeps.
+    if setup.name == "llava_ov_1_5":
+        pytest.skip("LLaVA-OV-1.5's tower misreads the second image of a call (tests/test_llava_ov_1_5_model.py): "
+                    "one prefill of both turns is no oracle for it")
+    model = setup.make_model()
+    pmodel = patched(model, 0.5, scope="image")
+    whole = setup.make_batch([[3, ("image", 8, 8), 4, ("image", 4, 8), 5]])
+    first = setup.make_batch([[3, ("image", 8, 8), 4]])
+    cut = first["input_ids"].shape[1]
+    assert torch.equal(whole["input_ids"][:, :cut], first["input_ids"])
+    positions = full_positions(model, whole)
+    turn = {k: v for k, v in whole.items() if not k.startswith("pixel") and not k.endswith("grid_thw")}
+    turn["input_ids"] = whole["input_ids"][:, cut:]
+    if "mm_token_type_ids" in whole:
+        turn["mm_token_type_ids"] = whole["mm_token_type_ids"][:, cut:]
+    grids = [k for k in whole if k.endswith("grid_thw")]
+    first_items = {k: first[k] for k in grids}
+    images = whole["image_grid_thw"].shape[0]
+    turn["image_grid_thw"] = whole["image_grid_thw"][first["image_grid_thw"].shape[0]:images]
+    patches = int(first["image_grid_thw"].prod(-1).sum())
+    turn["pixel_values"] = whole["pixel_values"][patches:]
+    if positions is not None:
+        # The caller's positions: transformers 4.57 would place turn 2's image as text.
+        turn["position_ids"] = positions[..., cut:]
+    with torch.no_grad():
+        fresh = pmodel(**whole)
+        cache = pmodel(**{**first, **first_items}).past_key_values
+        later = pmodel(**turn, past_key_values=cache)
+    assert cache.get_seq_length() == int(fresh.visionselector.keep.sum())
+    torch.testing.assert_close(later.logits[:, -1], fresh.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def full_positions(model, batch):
+    """The rope positions the unpatched model hands its language model for ``batch``."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["positions"] = kwargs.get("position_ids")
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    handle.remove()
+    return seen["positions"]
+
+
+def test_placeholders_under_padding_keep_their_rows(setup):
+    # An image placeholder the attention mask hides: the unpatched model still builds its
+    # features (and Qwen3-VL its deepstack rows); the patched one drops it with the padding.
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS[:2])
+    positions = full_positions(model, batch)  # the positions of the batch before the mask hides them
+    if positions is not None:
+        batch["position_ids"] = positions
+    image = (batch["input_ids"][0] == 100).nonzero()[:2, 0]
+    batch["attention_mask"][0, image] = 0
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except (RuntimeError, ValueError, IndexError) as e:
+        with pytest.raises(type(e)), torch.no_grad():
+            patched(model, 1.0)(**batch)
+        pytest.skip(f"the unpatched model refuses such a batch too: {e}")
+    expected, actual = both(model, patched(model, 1.0), **batch)
+    assert_same(actual, expected)
+    with torch.no_grad():
+        out = patched(model, 0.25)(**batch)
+    assert not out.visionselector.keep[0, image].any() and torch.isfinite(out.logits).all()
+
+
+def test_beam_search_on_a_pruned_cache_equals_each_sample_alone(setup):
+    model = patched(setup.make_model(), 0.25)
+    prompts = setup.generate_prompts
+    batch = setup.make_batch(prompts)
+    options = dict(max_new_tokens=3, do_sample=False, num_beams=2)
+    with torch.no_grad():
+        together = model.generate(**batch, **options)[:, batch["input_ids"].shape[1]:]
+        for b in range(len(prompts)):
+            alone = setup.make_batch([prompts[b]], seed=1 + b)
+            assert torch.equal(together[b], model.generate(**alone, **options)[0, alone["input_ids"].shape[1]:]), b
+
+
+# -- the machinery ------------------------------------------------------------------------------
+
+
+QWEN = [s for s in SETUPS if s.name.startswith("qwen") and not s.skip]
+
+
+@pytest.mark.skipif(not any(s.name == "qwen2_5_vl" for s in QWEN), reason="Qwen2.5-VL is not available")
+def test_a_tower_shallower_than_its_full_attention_indexes_builds():
+    from vsops.integrations import adapter_for
+    from vsops.integrations.testing import qwen_vl_batch, tiny_qwen_vl_config
+
+    config = tiny_qwen_vl_config("qwen2_5_vl")
+    config.vision_config.fullatt_block_indexes = [7, 15, 23, 31]  # transformers' default
+    model = adapter_for("qwen2_5_vl").classes()[1](config).eval()
+    pmodel = patched(model, 0.25)
+    batch = qwen_vl_batch(PROMPTS, "qwen2_5_vl")
+    with torch.no_grad():
+        pmodel(**batch)  # the default method never reads the tower's attention
+    pmodel.visionselector.method = "visionzip"
+    with pytest.raises(ValueError, match="fullatt_block_indexes"), torch.no_grad():
+        pmodel(**batch)
+
+
+def test_class_patches_of_two_families_coexist_and_init_the_scorer_as_published(tmp_path):
+    if len(QWEN) < 2:
+        pytest.skip("needs two Qwen-VL families")
+    from vsops.integrations import adapter_for
+    from vsops.integrations.testing import tiny_qwen_vl_config
+
+    names = [QWEN[0].name, next(s.name for s in QWEN if s.name != QWEN[0].name and "moe" not in s.name)]
+    for name in names:
+        model = adapter_for(name).classes()[1](tiny_qwen_vl_config(name))
+        model.save_pretrained(tmp_path / name)  # a checkpoint without a scorer
+    try:
+        for name in names:
+            apply_visionselector(model_type=name, budget=0.3)
+        for name in names:
+            loaded = adapter_for(name).classes()[1].from_pretrained(tmp_path / name)
+            assert loaded.visionselector.budget == 0.3
+            scorer = loaded.model.visual.importance_scorer
+            for proj in (scorer.q_proj, scorer.k_proj):
+                # normal with std 1e-4 (not the config's initializer_range of 0.02), zero biases
+                assert 0 < proj.weight.abs().max() < 1e-3 and proj.weight.std() < 2e-4, name
+                assert not proj.bias.any(), name
+    finally:
+        revert_visionselector(None)
