@@ -2,13 +2,15 @@
 remote code included, and reading the scorer's weights in the published key layouts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
 from torch import nn
 
 from vsops.integrations.adapter import adapter_for
-from vsops.integrations.patching import attach
+from vsops.integrations.patching import Settings, attach
+from vsops.integrations.runtime import VisionSelector
 
 __all__ = ["from_pretrained", "SCORER_PREFIXES", "scorer_weights", "read_scorer_weights", "checkpoint_keys"]
 
@@ -109,11 +111,9 @@ def from_pretrained(
     """
     from transformers import AutoConfig
 
-    from vsops.integrations.runtime import VisionSelector
-
     # The settings are checked before the (long) load.
-    selector_settings = VisionSelector(None, budget=budget, scope=scope, packed=packed, method=method)
-    learned = selector_settings.method.trainable
+    settings = Settings(budget=budget, scope=scope, packed=packed, method=method)
+    learned = settings.update(VisionSelector(None)).method.trainable
     if not isinstance(allow_missing_scorer, bool):
         raise TypeError(f"allow_missing_scorer must be a bool, got {type(allow_missing_scorer).__name__}")
     hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
@@ -138,8 +138,7 @@ def from_pretrained(
             f"the checkpoint's scorer takes {weights['q_proj.weight'].shape[1]}-dim tokens but the model's "
             f"merger emits {hidden}: q_proj.weight is {tuple(weights['q_proj.weight'].shape)}"
         )
-    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed, method=method)
-    scorer = attach(adapter, model, settings).scorer
+    scorer = attach(adapter, model, dataclasses.replace(settings, proj_dim=proj_dim)).scorer
     if weights:
         _load_checked(scorer, weights)
     else:

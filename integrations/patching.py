@@ -71,8 +71,7 @@ def apply_visionselector(
     ``constraint_loss``. Outputs carry ``visionselector`` (a
     :class:`~vsops.integrations.runtime.Selection`).
     """
-    settings = dict(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed, method=method)
-    VisionSelector(None, budget=budget, scope=scope, packed=packed, method=method)  # validates the settings now
+    settings = Settings(budget=budget, scope=scope, proj_dim=proj_dim, packed=packed, method=method)
     if model is None:
         if model_type is None:
             raise ValueError("give the model to patch, or model_type to patch its classes")
@@ -108,7 +107,28 @@ def named_entry_point(adapter: ModelAdapter, doc: str):
     return entry_point
 
 
-def attach(adapter: ModelAdapter, model: nn.Module, settings: dict) -> VisionSelector:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What :func:`apply_visionselector` sets on a model (or on every model a class patch
+    builds), checked when made: a bad value is refused before any model is touched."""
+
+    budget: float = 0.2
+    scope: str = "sample"
+    proj_dim: int | None = None
+    packed: bool | None = None
+    method: object = None
+
+    def __post_init__(self):
+        self.update(VisionSelector(None))  # the selector's own checks
+
+    def update(self, selector: VisionSelector) -> VisionSelector:
+        """``selector`` with these settings (all but ``proj_dim``, the scorer's)."""
+        selector.budget, selector.scope, selector.packed = self.budget, self.scope, self.packed
+        selector.method = self.method
+        return selector
+
+
+def attach(adapter: ModelAdapter, model: nn.Module, settings: Settings) -> VisionSelector:
     """:func:`apply_visionselector` on an instance whose adapter is known."""
     top, inner = adapter.split(model)
     selector = _attach_inner(adapter, inner, settings)
@@ -229,7 +249,7 @@ def _adapter_of(model: nn.Module, model_type: str | None) -> ModelAdapter:
     return adapter
 
 
-def _patch_classes(adapter: ModelAdapter, settings) -> None:
+def _patch_classes(adapter: ModelAdapter, settings: Settings) -> None:
     inner_cls, top_cls = adapter.classes()
     # A second patch of the same classes replaces the first; other families' patches stay.
     for cls in (inner_cls, top_cls):
@@ -249,10 +269,10 @@ def _patch_classes(adapter: ModelAdapter, settings) -> None:
     inner_cls.__init__, top_cls.__init__ = patched_inner_init, patched_top_init
 
 
-def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSelector:
+def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings: Settings) -> VisionSelector:
     tower = adapter.vision_tower(inner)
     scorer = getattr(tower, SCORER_ATTRIBUTE, None)
-    proj_dim = settings["proj_dim"]
+    proj_dim = settings.proj_dim
     if scorer is None:
         reference = next(reversed(list(adapter.merger(inner).parameters())))
         scorer = LearnableImportanceScorer(
@@ -263,19 +283,13 @@ def _attach_inner(adapter: ModelAdapter, inner: nn.Module, settings) -> VisionSe
         raise ValueError(f"the model's scorer has proj_dim {scorer.proj_dim}, not {proj_dim}")
     selector = getattr(inner, "visionselector", None)
     if isinstance(selector, VisionSelector):
-        selector.budget, selector.scope, selector.packed = settings["budget"], settings["scope"], settings["packed"]
-        selector.method = settings["method"]
-        return selector
-    selector = VisionSelector(
+        return settings.update(selector)
+    selector = settings.update(VisionSelector(
         scorer,
-        budget=settings["budget"],
-        scope=settings["scope"],
-        packed=settings["packed"],
         position_rows=adapter.position_rows,
-        method=settings["method"],
         token_inputs=adapter.token_inputs,
         unpackable=adapter.unpackable,
-    )
+    ))
     language_model = adapter.language_model(inner)
     selector.hooks = [
         inner.register_forward_pre_hook(functools.partial(_inner_pre_hook, adapter), with_kwargs=True),

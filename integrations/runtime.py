@@ -184,8 +184,12 @@ class VisionSelector:
         unpackable: why the language model cannot take packed sequences (then the kept tokens
             are always re-padded), empty when it can; set by the model's adapter.
         vision_capture: what reads the vision tower's attention for methods that need it
-            (:class:`~vsops.integrations.vision_attention.VisionAttentionCapture`); set by the
-            integration, None where there is none.
+            (:class:`~vsops.integrations.vision_attention.VisionAttentionCapture`); made by the
+            integration when a method first needs it, None until then.
+        call_state: the conditional-generation model's call in progress
+            (:class:`~vsops.integrations.patching.CallState`), None between calls.
+        last: the :class:`Selection` of the last call that selected; None after a call that
+            pruned nothing.
     """
 
     def __init__(
@@ -220,7 +224,7 @@ class VisionSelector:
         self._call: _Call | None = None
         self._call_cache = None  # the cache the multimodal model's call in progress was given
         self._call_budget = None  # the budget of the multimodal model's call in progress
-        self.call_state = None  # the conditional-generation model's call in progress (patching.CallState)
+        self.call_state = None
 
     @property
     def method(self) -> SelectionMethod:

@@ -181,6 +181,15 @@ def test_budget_one_continues_a_cache_whose_mask_covers_the_cached_tokens(setup)
     assert_same(actual, expected)
 
 
+def test_a_call_whose_segments_keep_every_token_is_the_unpatched_model(setup):
+    # One visual token per image (as transformers' own model testers build them): any budget
+    # keeps it, so nothing is pruned and the selector steps aside below 1.0 too.
+    model = setup.make_model()
+    batch = setup.make_batch([[3, ("image", 2, 2), 4], [2, ("image", 2, 2), 6]], padding_side="right")
+    expected, actual = both(model, patched(model, 0.25), **batch)
+    assert_same(actual, expected)
+
+
 # -- below 1.0: every convention, or a clear error -------------------------------------------
 
 
@@ -200,6 +209,20 @@ def test_right_padding_stays_on_the_right(setup):
     assert mask[:, 0].all() and not mask[:, -1].all()  # each row starts with its tokens
     for r, l in zip(kept_logits(right), kept_logits(left)):
         torch.testing.assert_close(r, l, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_attentions_and_logits_to_keep_cover_the_kept_tokens(setup):
+    model = patched(setup.make_model("eager"), 0.25)
+    batch = setup.make_batch(PROMPTS)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        width = out.logits.shape[1]
+        assert width < batch["input_ids"].shape[1]
+        assert all(h.shape[1] == width for h in out.hidden_states)
+        assert all(a.shape[-1] == a.shape[-2] == width for a in out.attentions)
+        if takes(model, "logits_to_keep"):
+            last = model(**batch, logits_to_keep=1).logits
+            torch.testing.assert_close(last[:, -1], out.logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_inputs_embeds_with_pixels_select_as_input_ids_do(setup):
