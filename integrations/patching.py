@@ -376,11 +376,9 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
             "cache's, or a compiled generate's) cannot be pruned; use a dynamic cache, or budget 1.0"
         )
     positions = kwargs.get(conventions.POSITION_IDS)
-    if attention_mask is None and positions is not None and _restarts(positions):
-        raise ValueError(
-            "position_ids restart within a row (a padding-free batch of several sequences per row): below budget "
-            "1.0 VisionSelector prunes padded batches only; pass one sequence per row with an attention_mask"
-        )
+    sequences = None
+    if attention_mask is None and positions is not None:
+        sequences = _padding_free_sequences(adapter, positions, cache)
     if attention_mask is not None:
         # A call on a cache may pass the mask of the whole sequence; its last columns are this call's.
         attention_mask = attention_mask[:, -kinds.shape[1]:]
@@ -393,18 +391,41 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     if reads_tower:
         capture = _vision_capture(adapter, inner, selector)
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training,
-                        kinds=kinds if reads_tower else None, cache=cache, placeholders=placeholders)
+                        kinds=kinds if reads_tower else None, cache=cache, placeholders=placeholders,
+                        sequences=sequences)
     placeholders_kinds = adapter.placeholders(inner.config).values()
     if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders_kinds):
         capture.clear()  # the tower runs inside this forward
     return (), kwargs
 
 
-def _restarts(positions: torch.Tensor) -> bool:
-    """Whether ``position_ids`` (``[B, L]``, or rows of them, the first counting text
-    positions) go back along a row: another sequence starts there."""
-    first = positions if positions.dim() == 2 else positions[0]
-    return bool((first[:, 1:] < first[:, :-1]).any())
+def _padding_free_sequences(adapter: ModelAdapter, positions: torch.Tensor, cache) -> torch.Tensor | None:
+    """For a padding-free row (several sequences in one row, their ``position_ids`` starting
+    again, no attention mask, as ``DataCollatorWithFlattening`` makes them): int64 ``[1, L]``,
+    the sequence of each token; None for a row of one sequence. Text positions (``[B, L]``, or
+    the first of 4 rows) rise by one token at a time, so a sequence starts where they do not; 3-D
+    rope rows (the first, temporal, stays put over an image) where they fall."""
+    if positions.dim() == 2 or positions.shape[0] == 4:
+        first = positions if positions.dim() == 2 else positions[0]
+        starts = first[:, 1:] <= first[:, :-1]
+    else:
+        first = positions[0]
+        starts = first[:, 1:] < first[:, :-1]
+    if not bool(starts.any()):
+        return None
+    problem = ""
+    if first.shape[0] != 1:
+        problem = f"the batch has {first.shape[0]} rows (padding-free batches have one)"
+    elif adapter.position_rows != 3:
+        problem = "its language model takes 1-D positions, which cannot both place the kept tokens and bound the sequences"
+    elif adapter.unpackable:
+        problem = adapter.unpackable
+    elif conventions.cache_length(cache):
+        problem = "the call continues a cache"
+    if problem:
+        raise ValueError(f"position_ids start again within a row (a padding-free batch), which below budget 1.0 "
+                         f"VisionSelector cannot prune here: {problem}")
+    return torch.cat([starts.new_zeros(1, 1), starts], 1).long().cumsum(1)
 
 
 def _decode_positions(inner, selector: VisionSelector, cache, kwargs) -> None:

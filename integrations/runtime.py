@@ -121,6 +121,7 @@ class _Call:
     training: bool
     kinds: torch.Tensor | None = None  # int64 [B, L]: the placeholder kind of each token, -1 for text
     placeholders: torch.Tensor | None = None  # bool [B, L]: every placeholder, padding included (the model's rows)
+    sequences: torch.Tensor | None = None  # int64 [1, L]: a padding-free row's sequence of each token
 
 
 @dataclasses.dataclass
@@ -297,7 +298,7 @@ class VisionSelector:
     # -- per-call protocol -------------------------------------------------------------------
 
     def begin_call(self, visual_mask, image_ids, attention_mask, *, items=0, budget=None, training=False,
-                   kinds=None, cache=None, placeholders=None) -> None:
+                   kinds=None, cache=None, placeholders=None, sequences=None) -> None:
         """Called by the integration before the multimodal forward: which tokens are visual.
 
         Args:
@@ -319,6 +320,9 @@ class VisionSelector:
                 themselves, and appended to what the cache holds.
             placeholders: bool ``[B, L]``: every visual placeholder, those under the padding
                 mask included (the model builds rows for them too); default ``visual_mask``.
+            sequences: int64 ``[1, L]``: for a padding-free row (several sequences in one row,
+                no attention mask), the sequence of each token, numbered from 0 along the row;
+                each sequence is then selected as a sample of its own.
         """
         self.last = None
         self._call_cache = cache
@@ -330,7 +334,7 @@ class VisionSelector:
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
         self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, budget, training, kinds,
-                           visual_mask if placeholders is None else placeholders)
+                           visual_mask if placeholders is None else placeholders, sequences)
 
     def end_call(self) -> Selection | None:
         """Ends the call; returns what was selected (also kept as :attr:`last`)."""
@@ -381,8 +385,15 @@ class VisionSelector:
             raise ValueError(
                 f"the visual mask is {tuple(call.visual_mask.shape)} but inputs_embeds is {tuple(embeds.shape)}"
             )
+        row, caller = None, kwargs
+        if call.sequences is not None:
+            # The row's sequences are selected as the samples of a right-padded batch.
+            row = _Sequences.of(call.sequences)
+            call, kwargs = row.virtual_call(call), {**kwargs, INPUTS_EMBEDS: row.to_batch(embeds)}
+            embeds = kwargs[INPUTS_EMBEDS]
         counts = self._counts(call)
         if sum(counts.visual) == 0 or (not call.training and sum(counts.kept(call.budget)) == sum(counts.real)):
+            kwargs = caller
             # Nothing to prune (every segment keeps all its tokens): the method is not asked,
             # and the language model sees the call as it would unpatched.
             return self._unpruned_inputs(kwargs, cache, past)
@@ -411,7 +422,8 @@ class VisionSelector:
             )
             if call.training:
                 k = self._segment_k(segments, call, cu)
-                return self._soft_inputs(kwargs, call, scores, k, cu, keep, visual, visual_rows, rows_of)
+                out = self._soft_inputs(kwargs, call, scores, k, cu, keep, visual, visual_rows, rows_of)
+                return out if row is None else row.soft_inputs_in_row(out, self.last)
         else:
             k = self._segment_k(segments, call, cu)
             extra = {"vision": self._vision_attention(call, method)} if VISION_ATTENTION in method.needs else {}
@@ -432,7 +444,10 @@ class VisionSelector:
         if call.attention_mask is not None:
             keep &= call.attention_mask.bool()  # the caller's padding goes; the kept tokens are re-padded
         lengths = counts.kept(call.budget)
-        out = self._pruned_inputs(kwargs, language_model, keep, lengths, counts.padding_side, cache, past)
+        if row is not None:
+            out = self._padding_free_inputs(kwargs, row, keep, lengths)
+        else:
+            out = self._pruned_inputs(kwargs, language_model, keep, lengths, counts.padding_side, cache, past)
         if visual_rows:
             kept_visual = sum(lengths) - (sum(counts.real) - sum(counts.visual))
             out.update(self._kept_visual_rows(visual_rows, keep, rows_of, kept_visual))
@@ -609,6 +624,27 @@ class VisionSelector:
             out[CACHE_POSITION] = past + torch.arange(out[INPUTS_EMBEDS].shape[1], device=kwargs[CACHE_POSITION].device)
         return out
 
+    def _padding_free_inputs(self, kwargs, row: "_Sequences", keep, lengths) -> dict:
+        """A padding-free row pruned: each sequence's kept tokens, in one row again, with their
+        rope positions and text positions counting the kept tokens of each sequence from 0 (by
+        which transformers keeps the sequences apart)."""
+        keep = row.to_row(keep)
+        embeds = row.to_row(kwargs[INPUTS_EMBEDS])
+        length = keep.shape[1]
+        positions = kwargs[POSITION_IDS]
+        positions = (positions.unsqueeze(0) if positions.dim() == 2 else positions)[-3:].expand(3, 1, length)
+        names = [n for n, layout in self.token_inputs.items() if layout == TOKENS and kwargs.get(n) is not None]
+        packed = select_and_pack(keep, embeds, positions, *(kwargs[n] for n in names), counts=[sum(lengths)])
+        text = torch.cat([torch.arange(n, device=embeds.device) for n in lengths]).view(1, 1, -1)
+        out = dict(kwargs)
+        out[INPUTS_EMBEDS] = packed.tensors[0].unsqueeze(0)
+        out[POSITION_IDS] = torch.cat([text.to(packed.tensors[1].dtype), packed.tensors[1].unsqueeze(1)], 0)
+        out.update({n: t.unsqueeze(0) for n, t in zip(names, packed.tensors[2:])})
+        out[ATTENTION_MASK] = None
+        cu = cu_seqlens_from_counts(lengths, embeds.device)
+        self.last = Selection(keep=keep, cu_seqlens=cu, max_seqlen=max(lengths), lengths=lengths)
+        return out
+
     @staticmethod
     def _shift(cache) -> int:
         """How many tokens of the caller's sequence the cache lacks (those pruned)."""
@@ -747,3 +783,50 @@ def _row_of_visual(call: _Call, visual_indices: torch.Tensor, rows_of: torch.Ten
     """For each visual token (packed order), its row among the placeholders' rows."""
     rank = torch.cumsum(call.placeholders.reshape(-1).long(), 0) - 1
     return rank.index_select(0, visual_indices).to(rows_of.device)
+
+
+@dataclasses.dataclass
+class _Sequences:
+    """A padding-free row's sequences laid out as the samples of a right-padded batch
+    ``[S, W]`` (what the selection runs on), and the way back to the row."""
+
+    slots: torch.Tensor  # int64 [L]: each token's slot in the batch's S * W
+    count: int
+    width: int
+
+    @classmethod
+    def of(cls, sequences: torch.Tensor) -> "_Sequences":
+        ids = sequences[0]
+        lengths = torch.bincount(ids).tolist()  # host sync: the batch's shape
+        starts = torch.tensor([0, *lengths[:-1]], device=ids.device).cumsum(0)
+        offset = torch.arange(ids.numel(), device=ids.device) - starts[ids]
+        width = max(lengths)
+        return cls(ids * width + offset, len(lengths), width)
+
+    def to_batch(self, t: torch.Tensor, fill=0) -> torch.Tensor:
+        """``t [1, L, ...]`` as ``[S, W, ...]`` (``fill`` in the padding)."""
+        out = t.new_full((self.count * self.width, *t.shape[2:]), fill)
+        return out.index_copy(0, self.slots, t[0]).view(self.count, self.width, *t.shape[2:])
+
+    def to_row(self, t: torch.Tensor) -> torch.Tensor:
+        """``t [S, W, ...]`` as ``[1, L, ...]``."""
+        return t.reshape(self.count * self.width, *t.shape[2:]).index_select(0, self.slots).unsqueeze(0)
+
+    def virtual_call(self, call: _Call) -> _Call:
+        batch = self.to_batch
+        mask = batch(torch.ones_like(call.visual_mask, dtype=torch.long))
+        return dataclasses.replace(
+            call,
+            visual_mask=batch(call.visual_mask),
+            image_ids=None if call.image_ids is None else batch(call.image_ids, -1),
+            attention_mask=mask,
+            kinds=None if call.kinds is None else batch(call.kinds, -1),
+            placeholders=batch(call.placeholders),
+            sequences=None,
+        )
+
+    def soft_inputs_in_row(self, out: dict, selection: Selection) -> dict:
+        """Training's soft-mask inputs (and the selection's masks) back in the row's layout."""
+        for name in ("soft_mask", "visual_mask", "hard_mask"):
+            setattr(selection, name, self.to_row(getattr(selection, name)))
+        return {**out, INPUTS_EMBEDS: self.to_row(out[INPUTS_EMBEDS])}

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import vsops.integrations  # noqa: E402
 from vsops.integrations import apply_visionselector, revert_visionselector  # noqa: E402
 
 from model_setups import SETUPS  # noqa: E402
@@ -128,9 +129,41 @@ def test_budget_one_is_the_unpatched_model_on_a_padding_free_row(setup):
     pmodel = patched(model, 1.0)
     expected, actual = both(model, pmodel, **row, use_cache=False)
     assert_same(actual, expected)
-    pmodel.visionselector.budget = 0.25
-    with pytest.raises(ValueError, match="position_ids restart within a row"), torch.no_grad():
-        pmodel(**row, use_cache=False)
+
+
+def test_a_padding_free_row_prunes_each_sequence_as_alone(setup):
+    unpatched = setup.make_model()
+    model = patched(unpatched, 0.25)
+    alone = [setup.make_batch([p], seed=1 + i) for i, p in enumerate(PROMPTS[:2])]
+    positions = [full_positions(unpatched, batch) for batch in alone]
+    row = {k: torch.cat([b[k] for b in alone], 1 if k in ("input_ids", "mm_token_type_ids") else 0)
+           for k in alone[0] if k != "attention_mask"}
+    adapter = vsops.integrations.adapter_for(setup.name)
+    if adapter.position_rows != 3 or adapter.unpackable:
+        # 1-D positions cannot both place the kept tokens and bound the sequences; Qwen3.5's
+        # linear attention cannot keep packed sequences apart.
+        row["position_ids"] = torch.cat([torch.arange(b["input_ids"].shape[1]) for b in alone]).view(1, -1)
+        with pytest.raises(ValueError, match="padding-free"), torch.no_grad():
+            model(**row, use_cache=False)
+        return
+    # Text positions restarting, then each sequence's own 3-D rope positions.
+    text = torch.cat([torch.arange(b["input_ids"].shape[1]) for b in alone]).view(1, 1, -1)
+    row["position_ids"] = torch.cat([text, torch.cat([p[-3:] for p in positions], -1)], 0)
+    with torch.no_grad():
+        out = model(**row, use_cache=False)
+        singles = [model(**b, position_ids=p, use_cache=False) for b, p in zip(alone, positions)]
+    counts = out.visionselector.cu_seqlens.diff().tolist()
+    assert counts == [int(s.visionselector.keep.sum()) for s in singles]
+    for part, single in zip(torch.split(out.logits[0], counts), singles):
+        torch.testing.assert_close(part, single.logits[0], rtol=1e-5, atol=1e-5)
+    # Training: each sequence's soft mask keeps its own budget, in the row's layout.
+    model.train()
+    with torch.no_grad():
+        out = model(**row, use_cache=False)
+        singles = [model(**b, position_ids=p, use_cache=False) for b, p in zip(alone, positions)]
+    torch.testing.assert_close(out.visionselector.soft_mask[0], torch.cat([s.visionselector.soft_mask[0] for s in singles]),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.logits[0], torch.cat([s.logits[0] for s in singles]), rtol=1e-5, atol=1e-5)
 
 
 def test_budget_one_generates_as_the_unpatched_model(setup):
