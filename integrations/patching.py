@@ -393,8 +393,8 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     selector.begin_call(visual, ids, attention_mask, items=items, budget=budget, training=inner.training,
                         kinds=kinds if reads_tower else None, cache=cache, placeholders=placeholders,
                         sequences=sequences)
-    placeholders_kinds = adapter.placeholders(inner.config).values()
-    if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for _, grid in placeholders_kinds):
+    grids = [grid for _, grid in adapter.placeholders(inner.config).values()]
+    if reads_tower and capture.wanted(inner) and any(kwargs.get(grid) is not None for grid in grids):
         capture.clear()  # the tower runs inside this forward
     return (), kwargs
 

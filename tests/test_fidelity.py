@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 import vsops.integrations  # noqa: E402
-from vsops.integrations import apply_visionselector, revert_visionselector  # noqa: E402
+from vsops.integrations import apply_visionselector, conventions, revert_visionselector  # noqa: E402
 
 from model_setups import SETUPS  # noqa: E402
 
@@ -382,6 +382,27 @@ def test_beam_search_on_a_pruned_cache_equals_each_sample_alone(setup):
         for b in range(len(prompts)):
             alone = setup.make_batch([prompts[b]], seed=1 + b)
             assert torch.equal(together[b], model.generate(**alone, **options)[0, alone["input_ids"].shape[1]:]), b
+
+
+def test_assisted_decoding_on_a_pruned_cache_equals_plain_greedy(setup):
+    # The assistant (other weights) proposes tokens the model rejects: the pruned cache must
+    # drop them as an unpruned one would (transformers 5.x), or the step must be refused.
+    model = patched(setup.make_model(), 0.25)
+    assistant = setup.make_model(seed=5)
+    batch = setup.make_batch(setup.generate_prompts[:1])
+    options = dict(max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        plain = model.generate(**batch, **options)
+        proposed = assistant.generate(**batch, **options)
+        assert not torch.equal(proposed, plain)  # some proposals are rejected
+        if conventions.takes(model.model, conventions.CACHE_POSITION):
+            # transformers 4.x crops the cache to a length in the caller's coordinates, which
+            # would leave a rejected token in a pruned cache: the next step is refused.
+            with pytest.raises(ValueError, match="cache_position starts at"):
+                model.generate(**batch, **options, assistant_model=assistant)
+            return
+        assisted = model.generate(**batch, **options, assistant_model=assistant)
+    assert torch.equal(assisted, plain)
 
 
 # -- the machinery ------------------------------------------------------------------------------
