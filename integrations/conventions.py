@@ -63,24 +63,20 @@ ENCODER_OUTPUTS = "mm_encoder_outputs"
 
 
 @functools.lru_cache(maxsize=None)
-def _parameters(forward) -> tuple[tuple[str, ...], bool]:
-    """The names a forward takes positionally, and whether it takes ``**kwargs``."""
+def _parameters(forward) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The names a forward's signature has, and those it takes positionally (read once per
+    forward: the hooks ask at every call)."""
     signature = inspect.signature(forward)  # follows functools.wraps through transformers' decorators
     positional = tuple(
         name for name, p in signature.parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "self"
     )
-    varkw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    return positional, varkw
-
-
-def _forward_of(module: nn.Module):
-    return type(module).forward
+    return frozenset(signature.parameters), positional
 
 
 def takes(module: nn.Module, name: str) -> bool:
     """Whether ``module``'s forward names the keyword ``name`` in its signature."""
-    return name in inspect.signature(_forward_of(module)).parameters
+    return name in _parameters(type(module).forward)[0]
 
 
 def keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -89,7 +85,7 @@ def keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     more positional arguments than the forward names, or an argument given twice."""
     if not args:
         return dict(kwargs)
-    names, _ = _parameters(_forward_of(module))
+    names = _parameters(type(module).forward)[1]
     if len(args) > len(names):
         raise TypeError(f"{type(module).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
     out = dict(kwargs)

@@ -354,7 +354,7 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     selector: VisionSelector = inner.visionselector
     kwargs = conventions.keywords(inner, args, kwargs)
     state = selector.call_state
-    if state is not None and state.router is not None:
+    if state is not None and state.balance_loss:
         kwargs[conventions.OUTPUT_ROUTER_LOGITS] = True  # the top model's balance loss is computed after it
     budget = kwargs.pop(BUDGET_KEYWORD, None)
     budget = check_budget(budget, BUDGET_KEYWORD) if budget is not None else (
@@ -452,7 +452,7 @@ def _decode_positions(inner, selector: VisionSelector, cache, kwargs) -> None:
 def _inner_post_hook(inner, args, output):
     selector: VisionSelector = inner.visionselector
     state = selector.call_state
-    if state is not None and state.router is not None and hasattr(output, "keys"):
+    if state is not None and state.balance_loss and hasattr(output, "keys"):
         state.router_logits = output.get("router_logits")
     return attach_selection(output, selector.end_call())
 
@@ -476,8 +476,9 @@ class CallState:
             (``shift_labels``, ``num_items_in_batch``).
         as_tuple: the caller asked for a tuple (``return_dict=False``); the forward returns an
             output, turned into the tuple after the loss.
-        router: the caller's attention mask, when an MoE model's balance loss is computed after
-            the forward over the tokens the language model saw; None otherwise.
+        balance_loss: an MoE model's balance loss is computed after the forward, over the
+            tokens the language model saw.
+        router_mask: the caller's attention mask (with ``balance_loss``; None: every token).
         router_logits: the routers' logits, recorded by the multimodal model's post-hook.
     """
 
@@ -485,7 +486,8 @@ class CallState:
     labels: torch.Tensor | None = None
     loss_kwargs: dict = dataclasses.field(default_factory=dict)
     as_tuple: bool = False
-    router: dict | None = None
+    balance_loss: bool = False
+    router_mask: torch.Tensor | None = None
     router_logits: tuple | None = None
 
 
@@ -512,8 +514,8 @@ def _top_pre_hook(model, args, kwargs):
         # The model would weigh the routers of the pruned tokens with the caller's unpruned
         # attention mask; the balance loss is computed after the forward, on the pruned layout.
         kwargs[conventions.OUTPUT_ROUTER_LOGITS] = False
-        state.router = {"attention_mask": kwargs.get(conventions.ATTENTION_MASK)}
-    if as_tuple and (state.labels is not None or state.router is not None):
+        state.balance_loss, state.router_mask = True, kwargs.get(conventions.ATTENTION_MASK)
+    if as_tuple and (state.labels is not None or state.balance_loss):
         kwargs[conventions.RETURN_DICT] = True
         state.as_tuple = True
     return (), kwargs
@@ -529,7 +531,7 @@ def _top_post_hook(model, args, output):
         vocab = model.config.get_text_config().vocab_size
         loss = causal_lm_loss(model.loss_function, output.logits, state.labels, selection, vocab, **state.loss_kwargs)
         output = replaced(output, loss=loss)
-    if state.router is not None and state.router_logits is not None:
+    if state.balance_loss and state.router_logits is not None:
         output = _with_router_balance_loss(model, output, state, selection)
     if state.as_tuple:
         return output.to_tuple()
@@ -543,7 +545,7 @@ def _with_router_balance_loss(model, output, state: CallState, selection):
     if selection is not None and selection.keep is not None:
         mask = selection.attention_mask  # None: packed, every token real
     else:
-        mask = state.router["attention_mask"]
+        mask = state.router_mask
     balance = router_balance_loss(model, state.router_logits, mask)
     changes = {"aux_loss": balance}
     if state.labels is not None and output.get("loss") is not None:

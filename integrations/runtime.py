@@ -352,10 +352,9 @@ class VisionSelector:
         the positions of the ``new_tokens`` in the caller's (unpruned) sequence, int64
         ``[new_tokens]``, so that a model deriving rope positions from them continues at the
         unpruned length. None for any other cache."""
-        pruned = _pruned_record(cache)
-        if pruned is None:
+        if _pruned_record(cache) is None:
             return None
-        start = cache_length(cache) + pruned.full_length - pruned.pruned_mask.shape[1]
+        start = cache_length(cache) + VisionSelector._shift(cache)
         return torch.arange(start, start + new_tokens, device=device)
 
     def language_model_inputs(self, kwargs: dict, language_model) -> dict:
