@@ -28,6 +28,8 @@ __all__ = [
     "INPUT_IDS",
     "LABELS",
     "LOSS_KEYWORDS",
+    "MASK_MAKER",
+    "MASK_MAKER_EMBEDS",
     "OUTPUT_ROUTER_LOGITS",
     "POSITION_IDS",
     "RETURN_DICT",
@@ -60,6 +62,11 @@ OUTPUT_ROUTER_LOGITS = "output_router_logits"
 # Vision features computed before the forward (``generate`` and callers of 5.x hand them over
 # instead of pixels); absent in 4.x.
 ENCODER_OUTPUTS = "mm_encoder_outputs"
+# What generate calls, on the model when it has one, to turn the 2-D mask into the 4-D masks of a
+# static (compilable) cache before each forward; it is given the call's shape as an empty tensor
+# under ``inputs_embeds`` (5.x) or ``input_embeds`` (4.x).
+MASK_MAKER = "create_masks_for_generate"
+MASK_MAKER_EMBEDS = ("inputs_embeds", "input_embeds")
 
 
 @functools.lru_cache(maxsize=None)

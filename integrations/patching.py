@@ -20,6 +20,7 @@ from vsops.integrations import conventions
 from vsops.integrations.adapter import ModelAdapter, adapter_for
 from vsops.integrations.outputs import attach_selection, causal_lm_loss, replaced, router_balance_loss, routes_experts
 from vsops.integrations.runtime import VisionSelector
+from vsops.integrations.static_cache import GenerateMasks, prefill_padding
 from vsops.integrations.vision_attention import VisionAttentionCapture
 from vsops.methods import VISION_ATTENTION
 from vsops.scorer import LearnableImportanceScorer
@@ -29,6 +30,11 @@ __all__ = ["apply_visionselector", "revert_visionselector", "is_visionselector_a
 BUDGET_KEYWORD = "visionselector_budget"
 SCORER_ATTRIBUTE = "importance_scorer"  # on the vision tower: the published checkpoints' key
 _class_patch: dict = {}
+
+# The hooks run eagerly inside a compiled forward (torch.compile of the model, or generate's
+# compiled decode step): what they read (the selector's budget, the cache's record, host
+# counts) would otherwise become guards, and each budget or prompt a recompilation.
+_opaque_to_compile = torch.compiler.disable
 
 
 def apply_visionselector(
@@ -174,6 +180,8 @@ def revert_visionselector(model: nn.Module | None = None) -> None:
     for module in (top, inner, adapter.language_model(inner)):
         if module is not None:
             module.__dict__.pop("visionselector", None)
+            module.__dict__.pop(conventions.MASK_MAKER, None)
+    selector.generate_masks = None
 
 
 def placeholder_kinds(adapter: ModelAdapter, inner: nn.Module, kwargs: dict) -> torch.Tensor | None:
@@ -338,6 +346,8 @@ def _attach_top(model: nn.Module, selector: VisionSelector) -> None:
         model.register_forward_hook(_top_post_hook),
     ]
     model.__dict__["visionselector"] = selector
+    # Found by generate before the class's own: its static-cache masks follow a pruned cache.
+    selector.generate_masks = model.__dict__[conventions.MASK_MAKER] = GenerateMasks(model, selector)
 
 
 def _vision_capture(adapter: ModelAdapter, inner: nn.Module, selector: VisionSelector) -> VisionAttentionCapture:
@@ -350,6 +360,7 @@ def _vision_capture(adapter: ModelAdapter, inner: nn.Module, selector: VisionSel
     return selector.vision_capture
 
 
+@_opaque_to_compile
 def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     selector: VisionSelector = inner.visionselector
     kwargs = conventions.keywords(inner, args, kwargs)
@@ -371,9 +382,21 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
         raise ValueError("VisionSelector finds the visual tokens in input_ids or inputs_embeds: pass one of them")
     attention_mask = kwargs.get(conventions.ATTENTION_MASK)
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        # A static cache's prefill: generate made the 4-D mask of the whole prompt.
+        padding = None
+        if not conventions.cache_length(cache):
+            padding = prefill_padding(attention_mask, kinds.shape[1])
+        if padding is None:
+            raise ValueError(
+                "below budget 1.0 VisionSelector prunes a 4-D attention_mask only at a prefill, and only when it is "
+                "causal attention over padded keys (as generate makes it for a static cache); pass the 2-D "
+                "attention_mask [B, L], or budget 1.0"
+            )
+        kwargs[conventions.ATTENTION_MASK] = attention_mask = padding
+    if getattr(cache, "is_compileable", False) and conventions.takes(inner, conventions.CACHE_POSITION):
         raise ValueError(
-            "below budget 1.0 VisionSelector needs a 2-D attention_mask [B, L] (or None): a 4-D mask (a static "
-            "cache's, or a compiled generate's) cannot be pruned; use a dynamic cache, or budget 1.0"
+            "below budget 1.0 a static cache needs transformers >= 5: a 4.x static cache counts its tokens from the "
+            "first sample's filled slots, which a pruned prompt leaves apart; use a dynamic cache, or budget 1.0"
         )
     positions = kwargs.get(conventions.POSITION_IDS)
     sequences = None
@@ -449,6 +472,7 @@ def _decode_positions(inner, selector: VisionSelector, cache, kwargs) -> None:
         )
 
 
+@_opaque_to_compile
 def _inner_post_hook(inner, args, output):
     selector: VisionSelector = inner.visionselector
     state = selector.call_state
@@ -457,6 +481,7 @@ def _inner_post_hook(inner, args, output):
     return attach_selection(output, selector.end_call())
 
 
+@_opaque_to_compile
 def _language_model_pre_hook(language_model, args, kwargs):
     kwargs = conventions.keywords(language_model, args, kwargs)
     return (), language_model.visionselector.language_model_inputs(kwargs, language_model)
@@ -491,6 +516,7 @@ class CallState:
     router_logits: tuple | None = None
 
 
+@_opaque_to_compile
 def _top_pre_hook(model, args, kwargs):
     selector: VisionSelector = model.visionselector
     kwargs = conventions.keywords(model, args, kwargs)
@@ -521,6 +547,7 @@ def _top_pre_hook(model, args, kwargs):
     return (), kwargs
 
 
+@_opaque_to_compile
 def _top_post_hook(model, args, output):
     selector: VisionSelector = model.visionselector
     state, selector.call_state = selector.call_state, None

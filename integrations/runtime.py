@@ -189,6 +189,9 @@ class VisionSelector:
             integration when a method first needs it, None until then.
         call_state: the conditional-generation model's call in progress
             (:class:`~vsops.integrations.patching.CallState`), None between calls.
+        generate_masks: the conditional-generation model's maker of generate's 4-D masks
+            (:class:`~vsops.integrations.static_cache.GenerateMasks`), whose masks later steps
+            on a pruned cache accept as made for it; None on a multimodal model alone.
         last: the :class:`Selection` of the last call that selected; None after a call that
             pruned nothing.
     """
@@ -226,6 +229,7 @@ class VisionSelector:
         self._call_cache = None  # the cache the multimodal model's call in progress was given
         self._call_budget = None  # the budget of the multimodal model's call in progress
         self.call_state = None
+        self.generate_masks = None
 
     @property
     def method(self) -> SelectionMethod:
@@ -682,20 +686,31 @@ class VisionSelector:
     def _unpruned_inputs(self, kwargs, cache, past: int) -> dict:
         """A call that prunes nothing: as the caller made it, but on a cache a selector pruned,
         with the attention mask (and ``cache_position``) rewritten to what the cache holds."""
-        pruned = _pruned_record(cache)
-        if past == 0 or pruned is None:
+        if past == 0 or _pruned_record(cache) is None:
             return kwargs
+        mask = kwargs.get(ATTENTION_MASK)
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            if self.generate_masks is None or not self.generate_masks.owns(mask):
+                raise ValueError(
+                    "after a pruned prefill, later steps need the 2-D attention mask in the unpruned sequence "
+                    "(generate's 4-D masks of a static cache are made for the pruned cache by the patched model; "
+                    "a 4-D mask made elsewhere cannot be mapped to it)"
+                )
+            # Made by the patched model's create_masks_for_generate: in the cache's slots already.
+            kwargs = {k: v for k, v in kwargs.items() if k != ATTENTION_MASK}
+            return {**self.slot_inputs(kwargs, cache, past, kwargs[INPUTS_EMBEDS].shape[1]), ATTENTION_MASK: mask}
+        return self.slot_inputs(kwargs, cache, past, kwargs[INPUTS_EMBEDS].shape[1])
+
+    def slot_inputs(self, kwargs, cache, past: int, new_tokens: int) -> dict:
+        """``kwargs`` of a call of ``new_tokens`` per sample on ``cache`` (holding ``past``
+        tokens, pruned by a selector), with the 2-D attention mask (``[B, unpruned length]``) and
+        ``cache_position`` rewritten from the caller's unpruned sequence to the cache's slots:
+        the mask becomes int64 ``[B, past + new_tokens]``."""
         out = dict(kwargs)
         mask = kwargs.get(ATTENTION_MASK)
         shift = self._shift(cache)
-        new_tokens = kwargs[INPUTS_EMBEDS].shape[1]
         self._check_cache_position(kwargs, past, past + shift)
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-                raise ValueError(
-                    "after a pruned prefill, later steps need the 2-D attention mask (a dynamic cache, not a static "
-                    "cache with a prepared 4-D mask)"
-                )
             if mask.shape[1] != past + shift + new_tokens:
                 raise ValueError(
                     f"attention_mask has {mask.shape[1]} columns; after a pruned prefill it must cover the "

@@ -191,10 +191,85 @@ def test_budget_one_generates_with_a_static_cache_as_the_unpatched_model(setup):
     pmodel = patched(model, 1.0)
     with torch.no_grad():
         assert_same(pmodel.generate(**batch, **options), expected)
-    # Below 1.0 the prepared 4-D masks cannot be pruned: refused by name.
-    pmodel.visionselector.budget = 0.25
-    with pytest.raises(ValueError, match="4-D mask"), torch.no_grad():
-        pmodel.generate(**batch, **options)
+
+
+def _static_or_refused(setup, model):
+    """Skips where the unpatched model has no static cache; True where the patched one refuses
+    one below budget 1.0 (a 4.x static cache, whose length is read from its first sample)."""
+    try:
+        with torch.no_grad():
+            model.generate(**setup.make_batch(setup.generate_prompts), max_new_tokens=1, cache_implementation="static")
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+        pytest.skip(f"the unpatched model does not generate with a static cache here: {e}")
+    return conventions.takes(model.model, conventions.CACHE_POSITION)
+
+
+def test_a_static_cache_below_budget_one_generates_as_a_dynamic_cache(setup):
+    model = setup.make_model()
+    refused = _static_or_refused(setup, model)
+    batch = setup.make_batch(setup.generate_prompts)  # one row left-padded: the masks matter
+    pmodel = patched(model, 0.25)
+    options = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    if refused:
+        with pytest.raises(ValueError, match="static cache needs transformers >= 5"), torch.no_grad():
+            pmodel.generate(**batch, **options, cache_implementation="static")
+        return
+    with torch.no_grad():
+        dynamic = pmodel.generate(**batch, **options)
+        static = pmodel.generate(**batch, **options, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert pmodel.visionselector.last is None  # the last step pruned nothing; the prefill did:
+    assert pmodel.visionselector.generate_masks.made, "generate did not make its masks through the patched model"
+
+
+def test_compiled_decoding_on_a_static_cache_is_not_compiled_again_per_budget(setup):
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = setup.make_model()
+    refused = _static_or_refused(setup, model)
+    if refused:
+        pytest.skip("below budget 1.0 a 4.x static cache is refused (tested above)")
+    batch = setup.make_batch(setup.generate_prompts)
+    # The eager backend: dynamo's graphs and guards, which decide recompilation, without
+    # inductor's code generation (minutes on this CPU).
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True  # generate compiles on GPUs only unless told
+    options = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", compile_config=config)
+    pmodel = patched(model, 1.0)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.equal(pmodel.generate(**batch, **options), model.generate(**batch, **options, disable_compile=True))
+        compiled = dict(counters["frames"])
+        assert compiled.get("ok"), "generate did not compile the decode step"
+        for budget in (0.5, 0.25):
+            pmodel.visionselector.budget = budget
+            assert torch.equal(pmodel.generate(**batch, **options), pmodel.generate(**batch, max_new_tokens=3, do_sample=False))
+            assert dict(counters["frames"]) == compiled, f"the decode step was compiled again for budget {budget}"
+
+
+def test_a_4d_mask_below_budget_one_is_pruned_only_where_it_is_padding(setup):
+    model = setup.make_model()
+    pmodel = patched(model, 0.25)
+    batch = setup.make_batch(setup.generate_prompts)
+    mask = batch["attention_mask"].bool()
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    four_d = causal & mask[:, None, None, :]
+    with torch.no_grad():
+        expected = pmodel(**batch)
+        if takes(pmodel, "cache_position"):
+            # 4.x models and remote code take a 4-D mask only as their own (made for sdpa or
+            # eager from cache_position): the 2-D reading is checked in test_static_cache.py.
+            return
+        actual = pmodel(**{**batch, "attention_mask": four_d})
+    assert torch.equal(pmodel.visionselector.last.keep, expected.visionselector.keep)
+    torch.testing.assert_close(actual.logits, expected.logits)
+    windowed = four_d & ~torch.ones(length, length, dtype=torch.bool).tril(-3)  # a sliding window of 3
+    with pytest.raises(ValueError, match="causal attention over padded keys"), torch.no_grad():
+        pmodel(**{**batch, "attention_mask": windowed})
 
 
 def test_budget_one_continues_a_cache_whose_mask_covers_the_cached_tokens(setup):
@@ -451,3 +526,35 @@ def test_class_patches_of_two_families_coexist_and_init_the_scorer_as_published(
                 assert not proj.bias.any(), name
     finally:
         revert_visionselector(None)
+
+
+def test_gradient_checkpointing_trains_as_without_it(setup):
+    model = setup.make_model()
+    batch = setup.make_batch(PROMPTS)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        pmodel = patched(model, 0.25)
+        pmodel.train()
+        if checkpointing:
+            pmodel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert pmodel.model.language_model.gradient_checkpointing
+        for name, p in pmodel.named_parameters():
+            p.requires_grad_("importance_scorer" in name)
+        out = pmodel(**batch, labels=labels)
+        (out.loss + 0.5 * out.constraint_loss).backward()
+        grads.append([p.grad for name, p in pmodel.named_parameters() if "importance_scorer" in name])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_a_compiled_forward_prunes_as_the_eager_one(setup):
+    pmodel = patched(setup.make_model(), 0.25)
+    batch = setup.make_batch(PROMPTS)
+    torch._dynamo.reset()
+    compiled = torch.compile(pmodel, backend="eager")
+    with torch.no_grad():
+        expected = pmodel(**batch)
+        actual = compiled(**batch)
+    assert torch.equal(actual.visionselector.keep, expected.visionselector.keep)
+    torch.testing.assert_close(actual.logits, expected.logits)
