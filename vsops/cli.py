@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmark summaries against the published methods and the bandwidth bound"
     )
     bench.add_argument(
-        "--op", default="all", choices=["all", "difftopk", "lis", "varlen", "methods", "prefill"],
+        "--op", default="all", choices=["all", "difftopk", "lis", "varlen", "methods", "prefill", "vllm"],
         help="which table (a module of vsops.benchmarks; default: all)"
     )
     bench.add_argument(

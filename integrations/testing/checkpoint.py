@@ -64,7 +64,7 @@ def text_of(ids) -> str:
 
 
 def write_tiny_checkpoint(path, model_type: str = "qwen2_5_vl", *, scorer_layout: str | None = SCORER_LAYOUTS[1],
-                          proj_dim: int = 16, seed: int = 0, **sizes) -> Path:
+                          proj_dim: int = 16, seed: int = 0, max_pixels: int = 64 * 64, **sizes) -> Path:
     """Writes a random ``model_type`` checkpoint (float32) with its tokenizer and processor to
     ``path`` and returns it.
 
@@ -73,6 +73,8 @@ def write_tiny_checkpoint(path, model_type: str = "qwen2_5_vl", *, scorer_layout
             :data:`SCORER_LAYOUTS`), or None for a checkpoint without one.
         proj_dim: the scorer's projection size.
         seed: the weights' seed.
+        max_pixels: the image processor's bound on an image's pixels (larger ones are resized
+            down; 16 pixels per patch side, 4 patches per token).
         sizes: :class:`~vsops.integrations.testing.sizes.TinySizes` keywords.
     """
     import transformers
@@ -99,7 +101,7 @@ def write_tiny_checkpoint(path, model_type: str = "qwen2_5_vl", *, scorer_layout
     tokenizer.save_pretrained(path)
     # Every preprocessing value written out: vLLM normalizes on the device from these, and
     # would otherwise fall back to other defaults than transformers'.
-    image = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64,
+    image = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=max_pixels,
                  do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
                  image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
                  image_processor_type="Qwen2VLImageProcessor")

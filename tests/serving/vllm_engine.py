@@ -8,11 +8,10 @@ import json
 import os
 import sys
 
-# Before vLLM is imported: every endpoint on 127.0.0.1, no usage statistics, a small KV cache,
-# no thread pinning, the engine in this process (start-up in seconds, not a minute).
-ENVIRONMENT = dict(VLLM_HOST_IP="127.0.0.1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1",
-                   VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-os.environ.update(ENVIRONMENT)
+from vsops.vllm.environment import use_cpu_environment
+
+# Before vLLM is imported: loopback only, the engine in this process.
+ENVIRONMENT = use_cpu_environment()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -9,7 +9,7 @@ import importlib
 
 __all__ = ["OPS", "module"]
 
-OPS = ("difftopk", "lis", "varlen", "methods", "prefill")
+OPS = ("difftopk", "lis", "varlen", "methods", "prefill", "vllm")
 
 
 def module(op: str):
