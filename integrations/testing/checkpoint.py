@@ -106,8 +106,9 @@ def write_tiny_checkpoint(path, model_type: str = "qwen2_5_vl", *, scorer_layout
                  image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
                  image_processor_type="Qwen2VLImageProcessor")
     (path / "preprocessor_config.json").write_text(json.dumps(image, indent=1))
-    (path / "video_preprocessor_config.json").write_text(json.dumps(
-        {**image, "video_processor_type": "Qwen2VLVideoProcessor"}, indent=1))
+    video = "Qwen3VLVideoProcessor" if model_type.startswith("qwen3") else "Qwen2VLVideoProcessor"
+    (path / "video_preprocessor_config.json").write_text(json.dumps({**image, "video_processor_type": video},
+                                                                    indent=1))
     processor = {"Qwen3VLConfig": "Qwen3VLProcessor"}.get(type(config).__name__, type(config).__name__.replace(
         "Config", "Processor"))
     (path / "processor_config.json").write_text(json.dumps({"processor_class": processor}, indent=1))

@@ -21,9 +21,17 @@ from vsops.integrations.testing.checkpoint import SCORER_LAYOUTS, write_tiny_che
 HERE = Path(__file__).parent
 
 
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl"), **serving.SIZES)
+def checkpoints(tmp_path_factory):
+    return {t: write_tiny_checkpoint(tmp_path_factory.mktemp(t), t, **serving.SIZES) for t in MODEL_TYPES}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoints):
+    return checkpoints["qwen2_5_vl"]
 
 
 def assert_same_generation(actual, expected):
@@ -39,10 +47,6 @@ def engine(path, **settings):
     return LLM(model=str(path), **serving.ENGINE, **overrides)
 
 
-def unpruned_visual_tokens(media) -> int:
-    return sum(image.width * image.height // (4 * 4 * 2 * 2) for image in media)
-
-
 def test_budget_one_is_vllm_without_the_plugin(checkpoint, tmp_path):
     out = tmp_path / "plain.json"
     # The scorer's keys would stop plain vLLM: the same weights without them.
@@ -54,9 +58,10 @@ def test_budget_one_is_vllm_without_the_plugin(checkpoint, tmp_path):
         assert_same_generation(serving.vllm_greedy(engine(checkpoint, **settings)), expected)
 
 
-@pytest.mark.parametrize("method", ["visionselector", "divprune"])
-def test_pruned_generation_is_the_transformers_integrations(checkpoint, method):
+@pytest.mark.parametrize("model_type, method", [(t, "visionselector") for t in MODEL_TYPES] + [("qwen2_5_vl", "divprune")])
+def test_pruned_generation_is_the_transformers_integrations(checkpoints, model_type, method):
     budget = 0.3
+    checkpoint = checkpoints[model_type]
     actual = serving.vllm_greedy(engine(checkpoint, budget=budget, method=method))
     expected = serving.transformers_greedy(checkpoint, budget, method)
     assert_same_generation(actual, expected)
@@ -65,8 +70,10 @@ def test_pruned_generation_is_the_transformers_integrations(checkpoint, method):
         assert a["prompt"] == len(ids) - len(media) + kept, "each image keeps budget_to_k of its tokens"
 
 
-def test_chunked_prefill_and_prefix_caching_select_as_one_prefill(checkpoint):
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_chunked_prefill_and_prefix_caching_select_as_one_prefill(checkpoints, model_type):
     budget = 0.5
+    checkpoint = checkpoints[model_type]
     expected = serving.transformers_greedy(checkpoint, budget)
     chunked = LLM(model=str(checkpoint), **serving.ENGINE, hf_overrides={"visionselector": {"budget": budget}},
                   enable_chunked_prefill=True, max_num_batched_tokens=8, enable_prefix_caching=True)

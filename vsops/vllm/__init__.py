@@ -1,6 +1,6 @@
 """VisionSelector inside vLLM: an out-of-tree plugin (entry point ``vllm.general_plugins``).
 
-With vsops installed beside vLLM, vLLM's Qwen2-VL and Qwen2.5-VL architectures resolve to
+With vsops installed beside vLLM, vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL architectures resolve to
 :mod:`vsops.vllm.qwen_vl`'s subclasses, which serve a model as vLLM does unless its config has
 a ``visionselector`` entry::
 
@@ -19,6 +19,7 @@ __all__ = ["ARCHITECTURES", "register"]
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "vsops.vllm.qwen_vl:VisionSelectorQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "vsops.vllm.qwen_vl:VisionSelectorQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "vsops.vllm.qwen_vl:VisionSelectorQwen3VL",
 }
 
 

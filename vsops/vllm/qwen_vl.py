@@ -1,5 +1,5 @@
-"""vLLM's Qwen2-VL and Qwen2.5-VL with VisionSelector: one processor mixin and one model mixin
-over vLLM's own classes, which they leave unchanged where the model config has no
+"""vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL with VisionSelector: one processor mixin and one model
+mixin over vLLM's own classes, which they leave unchanged where the model config has no
 ``visionselector`` entry (or budget 1.0).
 
 - The processor writes ``budget_to_k(n, budget)`` placeholders per image or video instead of
@@ -32,6 +32,12 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vsops.budget import budget_to_k
@@ -40,7 +46,7 @@ from vsops.scorer import LearnableImportanceScorer
 from vsops.vllm.selection import OFFSET_COLUMNS, media_positions, select_media, write_media_positions
 from vsops.vllm.settings import ServingSettings, settings_of
 
-__all__ = ["VisionSelectorQwen2VL", "VisionSelectorQwen2_5_VL"]
+__all__ = ["VisionSelectorQwen2VL", "VisionSelectorQwen2_5_VL", "VisionSelectorQwen3VL"]
 
 SCORER_PREFIXES = ("visual.importance_scorer.", "model.visual.importance_scorer.")
 
@@ -61,6 +67,10 @@ def _kept_run(replacement, budget: float):
     cut to ``budget_to_k`` of its length; every token of a Qwen-VL run is the same."""
     def kept(item_idx: int):
         run = replacement(item_idx) if callable(replacement) else replacement
+        if not isinstance(run, list):
+            # Qwen3-VL's videos: frames with timestamps between them, one run per frame.
+            raise ValueError("the vsops vLLM plugin prunes this model's images only; send videos to a model "
+                             "served without a visionselector entry")
         return run[: budget_to_k(len(run), budget)]
 
     return kept
@@ -124,6 +134,9 @@ class _VisionSelectorModel:
             return super().embed_multimodal(**kwargs)
         merge = self.config.vision_config.spatial_merge_size
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        # Qwen3-VL's rows carry its deepstack features after the merged token: scored on the
+        # token alone, kept whole.
+        width = getattr(self, "visual_dim", None) if getattr(self, "use_deepstack", False) else None
         out: tuple[torch.Tensor, ...] = ()
         for key, media in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             image = key.startswith("image")
@@ -135,7 +148,7 @@ class _VisionSelectorModel:
                                 1.0 if image else tokens_per_second)
                 for i, grid in enumerate(grids)
             ]
-            out += select_media(embeds, positions, settings.budget, self._selection_method)
+            out += select_media(embeds, positions, settings.budget, self._selection_method, score_width=width)
         return out
 
     # -- positions ------------------------------------------------------------------------------
@@ -148,7 +161,7 @@ class _VisionSelectorModel:
         # (recompute_mrope_positions then writes the kept tokens' own).
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
         chunks, start, next_position = [], 0, 0
-        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features)):
+        for feature, (offset, t, h, w, t_factor) in zip(features, self._media_grids(features)):
             text = offset - start
             chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
             grid = np.indices((t, h, w))
@@ -162,6 +175,19 @@ class _VisionSelectorModel:
         chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
         positions = np.concatenate(chunks, axis=1)
         return torch.from_numpy(np.ascontiguousarray(positions)), next_position + text - len(input_tokens)
+
+    def _media_grids(self, features):
+        """(offset, t, h, w, t factor) of each medium in merged tokens, in prompt order: vLLM's
+        own reading where the model has one (Qwen2-VL, Qwen2.5-VL), else images alone."""
+        if hasattr(self, "iter_mm_grid_thw"):
+            yield from self.iter_mm_grid_thw(features)
+            return
+        merge = self.config.vision_config.spatial_merge_size
+        for feature in features:
+            if feature.modality != "image":
+                raise ValueError("the vsops vLLM plugin prunes this model's images only")
+            t, h, w = feature.data["image_grid_thw"].data.tolist()
+            yield feature.mm_position.offset, t, h // merge, w // merge, 1.0
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         """The kept rows without their offsets, the prompt's positions with the kept tokens of
@@ -185,6 +211,10 @@ class _Qwen2_5_VLProcessor(_KeptPlaceholders, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
+class _Qwen3VLProcessor(_KeptPlaceholders, Qwen3VLMultiModalProcessor):
+    pass
+
+
 @MULTIMODAL_REGISTRY.register_processor(_Qwen2VLProcessor, info=Qwen2VLProcessingInfo,
                                         dummy_inputs=Qwen2VLDummyInputsBuilder)
 class VisionSelectorQwen2VL(_VisionSelectorModel, Qwen2VLForConditionalGeneration):
@@ -196,3 +226,8 @@ class VisionSelectorQwen2VL(_VisionSelectorModel, Qwen2VLForConditionalGeneratio
 class VisionSelectorQwen2_5_VL(_VisionSelectorModel, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL with VisionSelector."""
 
+
+@MULTIMODAL_REGISTRY.register_processor(_Qwen3VLProcessor, info=Qwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class VisionSelectorQwen3VL(_VisionSelectorModel, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with VisionSelector (images; videos are refused while it prunes)."""

@@ -54,15 +54,16 @@ def write_media_positions(media: torch.Tensor, offsets: torch.Tensor, positions:
 
 
 def select_media(embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tensor], budget: float,
-                 method: SelectionMethod) -> tuple[torch.Tensor, ...]:
+                 method: SelectionMethod, score_width: int | None = None) -> tuple[torch.Tensor, ...]:
     """The kept tokens of each medium, in their order, with their positions appended.
 
     Args:
         embeds: per medium ``[n_i, D]``, the merged visual tokens.
         positions: per medium int64 ``[n_i, 3]`` (:func:`media_positions`).
         budget: ``budget_to_k(n_i, budget)`` tokens are kept of medium i.
-        method: selects ``k`` tokens per medium; its ``embeds`` (merged tokens) replace the
-            kept rows when it returns them.
+        method: selects ``k`` tokens per medium from the first ``score_width`` columns (all
+            with None; Qwen3-VL's rows carry deepstack features after the token); its
+            ``embeds`` (merged tokens) replace the kept rows when it returns them.
 
     Returns:
         per medium ``[k_i, D + 3]`` in the embeddings' dtype: the kept rows, then their offsets
@@ -72,7 +73,10 @@ def select_media(embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tenso
     x = torch.cat(list(embeds))
     cu = cu_seqlens_from_counts(sizes, x.device)
     k = torch.tensor([budget_to_k(n, budget) for n in sizes], dtype=torch.long, device=x.device)
-    chosen = check_selected(method.select(x, k, cu), method, x, k, cu)
+    scored = x if score_width is None else x[:, :score_width]
+    chosen = check_selected(method.select(scored, k, cu), method, scored, k, cu)
+    if chosen.embeds is not None and score_width is not None:
+        raise ValueError(f"the {method.name!r} method merges tokens, which the deepstack rows cannot follow here")
     rows = x if chosen.embeds is None else chosen.embeds
     out = []
     for start, end, where in zip(cu[:-1].tolist(), cu[1:].tolist(), positions):
