@@ -353,6 +353,26 @@ def test_inputs_embeds_with_pixels_select_as_input_ids_do(setup):
     torch.testing.assert_close(by_embeds.logits, by_ids.logits, rtol=0, atol=0)
 
 
+def test_vision_features_handed_over_select_per_image_as_pixels_do(setup):
+    """generate (5.x) may hand the multimodal model its images' features (mm_encoder_outputs)
+    without their grids; scope="image" then reads each image's tokens from the features."""
+    unpatched = setup.make_model()
+    model = patched(unpatched, 0.25, scope="image")
+    if not takes(model.model, conventions.ENCODER_OUTPUTS):
+        pytest.skip("this model takes no precomputed vision features")
+    batch = setup.make_batch(PROMPTS)
+    positions = full_positions(unpatched, batch)
+    if positions is not None:
+        batch["position_ids"] = positions
+    with torch.no_grad():
+        by_pixels = model(**batch)
+        features = model.model.get_image_features(batch.pop("pixel_values"), batch.pop("image_grid_thw"),
+                                                  return_dict=True)
+        by_features = model(**batch, **{conventions.ENCODER_OUTPUTS: {"image": features}})
+    assert torch.equal(by_features.visionselector.keep, by_pixels.visionselector.keep)
+    torch.testing.assert_close(by_features.logits, by_pixels.logits)
+
+
 def test_the_trainers_loss_keywords_on_the_pruned_tokens(setup):
     model = patched(setup.make_model(), 0.25)
     batch = setup.make_batch(PROMPTS)
