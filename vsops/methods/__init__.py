@@ -21,6 +21,8 @@ from vsops.methods.base import (
     merge_rows,
 )
 from vsops.methods.divprune import DivPruneMethod, divprune
+from vsops.methods.dart import dart
+from vsops.methods.fastv import causal_attention_received, fastv
 from vsops.methods.registry import available, make_method, method_class, register_method
 from vsops.methods.scoring import (
     MeanAttentionMethod,
@@ -43,6 +45,9 @@ __all__ = [
     "Selected",
     "merge_rows",
     "check_selected",
+    "fastv",
+    "causal_attention_received",
+    "dart",
     "VisionAttention",
     "VISUAL_TOKENS",
     "VISION_ATTENTION",
