@@ -23,6 +23,7 @@ from vsops.methods.base import (
 from vsops.methods.divprune import DivPruneMethod, divprune
 from vsops.methods.dart import dart
 from vsops.methods.fastv import causal_attention_received, fastv
+from vsops.methods.pdrop import pdrop, pdrop_layers, pdrop_ratio
 from vsops.methods.registry import available, make_method, method_class, register_method
 from vsops.methods.scoring import (
     MeanAttentionMethod,
@@ -48,6 +49,9 @@ __all__ = [
     "fastv",
     "causal_attention_received",
     "dart",
+    "pdrop",
+    "pdrop_layers",
+    "pdrop_ratio",
     "VisionAttention",
     "VISUAL_TOKENS",
     "VISION_ATTENTION",
