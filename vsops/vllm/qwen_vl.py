@@ -59,7 +59,8 @@ class _KeptPlaceholders:
         settings = settings_of(self.info.get_hf_config())
         if settings is None:
             return updates
-        return [dataclasses.replace(update, replacement=_kept_run(update.replacement, settings.budget)) for update in updates]
+        return [dataclasses.replace(update, replacement=_kept_run(update.replacement, settings.budget))
+                for update in updates]
 
 
 def _kept_run(replacement, budget: float):
@@ -87,7 +88,10 @@ class _VisionSelectorModel:
         # Read by vLLM's model runners: the kept tokens' positions are rewritten after the
         # encoder (vsops.vllm.runner turns it on where a runner does not).
         self.is_multimodal_pruning_enabled = self.visionselector is not None
-        self._selection_method = None
+        # The learned scorer's method is made when its weights load.
+        settings = self.visionselector
+        self._selection_method = None if settings is None or settings.needs_scorer else make_method(
+            settings.method, **settings.options)
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -107,7 +111,6 @@ class _VisionSelectorModel:
         if settings is None:
             return loaded  # a checkpoint's scorer is read past, as the model is served unpruned
         if not settings.needs_scorer:
-            self._selection_method = make_method(settings.method, **settings.options)
             return loaded
         if not scorer:
             raise ValueError(
@@ -132,6 +135,9 @@ class _VisionSelectorModel:
         settings = self.visionselector
         if settings is None:
             return super().embed_multimodal(**kwargs)
+        if self._selection_method is None:
+            raise ValueError("the visionselector method's scorer was never loaded (weights not read from a "
+                             "checkpoint, e.g. load_format='dummy'): serve a checkpoint with the scorer")
         merge = self.config.vision_config.spatial_merge_size
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         # Qwen3-VL's rows carry its deepstack features after the merged token: scored on the

@@ -3,8 +3,8 @@
 A runner calls the model's ``recompute_mrope_positions`` after the encoder only when its
 ``is_multimodal_pruning_enabled`` is set. The GPU runner sets it from ``video_pruning_rate``
 alone, and the CPU runner never does; so after either loads a model, the flag is also set
-where the model prunes (its own ``is_multimodal_pruning_enabled``, set by vsops' models when
-the config has a ``visionselector`` entry). Nothing else of the runners changes.
+where the model prunes (vsops' models whose config has a ``visionselector`` entry). Nothing
+else of the runners changes.
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def follow_pruning_models() -> None:
         @functools.wraps(load)
         def load_model(self, *args, _load=load, **kwargs):
             _load(self, *args, **kwargs)
-            if getattr(self.get_model(), "is_multimodal_pruning_enabled", False) and getattr(
-                    self.get_model(), "visionselector", None) is not None:
+            if getattr(self.get_model(), "visionselector", None) is not None:
                 self.is_multimodal_pruning_enabled = True
 
         setattr(load_model, _MARK, True)
