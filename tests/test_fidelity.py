@@ -336,12 +336,9 @@ def test_hidden_states_attentions_and_logits_to_keep_cover_the_kept_tokens(setup
 def test_inputs_embeds_with_pixels_select_as_input_ids_do(setup):
     unpatched = setup.make_model()
     model = patched(unpatched, 0.25)
-    batch = setup.make_batch(PROMPTS)
     # The positions of the input_ids call for both (without input_ids the models cannot
     # compute their 3-D rope positions themselves).
-    positions = full_positions(unpatched, batch)
-    if positions is not None:
-        batch["position_ids"] = positions
+    batch = with_full_positions(unpatched, setup.make_batch(PROMPTS))
     with torch.no_grad():
         by_ids = model(**batch)
         ids = batch.pop("input_ids")
@@ -360,10 +357,7 @@ def test_vision_features_handed_over_select_per_image_as_pixels_do(setup):
     model = patched(unpatched, 0.25, scope="image")
     if not conventions.takes(model.model, conventions.ENCODER_OUTPUTS):  # named: 4.x's **kwargs ignore it
         pytest.skip("this model takes no precomputed vision features")
-    batch = setup.make_batch(PROMPTS)
-    positions = full_positions(unpatched, batch)
-    if positions is not None:
-        batch["position_ids"] = positions
+    batch = with_full_positions(unpatched, setup.make_batch(PROMPTS))
     with torch.no_grad():
         by_pixels = model(**batch)
         features = model.model.get_image_features(batch.pop("pixel_values"), batch.pop("image_grid_thw"),
@@ -427,6 +421,13 @@ def test_images_in_a_later_turn_are_selected_as_in_one_prefill(setup):
         later = pmodel(**turn, past_key_values=cache)
     assert cache.get_seq_length() == int(fresh.visionselector.keep.sum())
     torch.testing.assert_close(later.logits[:, -1], fresh.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def with_full_positions(model, batch) -> dict:
+    """``batch`` with the rope positions the unpatched ``model`` would compute for it, where it
+    hands its language model any."""
+    positions = full_positions(model, batch)
+    return batch if positions is None else {**batch, "position_ids": positions}
 
 
 def full_positions(model, batch):

@@ -34,14 +34,6 @@ def checkpoint(checkpoints):
     return checkpoints["qwen2_5_vl"]
 
 
-def assert_same_generation(actual, expected):
-    """The same greedy ids, and log-probabilities equal to float32 rounding (positions off by
-    one change the log-probabilities of a tiny random model before its ids)."""
-    assert [a["ids"] for a in actual] == [e["ids"] for e in expected]
-    for a, e in zip(actual, expected):
-        assert a["logprobs"] == pytest.approx(e["logprobs"], abs=1e-4)
-
-
 def engine(path, **settings):
     overrides = {"hf_overrides": {"visionselector": settings}} if settings else {}
     return LLM(model=str(path), **serving.ENGINE, **overrides)
@@ -55,7 +47,7 @@ def test_budget_one_is_vllm_without_the_plugin(checkpoint, tmp_path):
                    env={**os.environ, **serving.ENVIRONMENT})
     expected = json.loads(out.read_text())
     for settings in ({}, {"budget": 1.0}):
-        assert_same_generation(serving.vllm_greedy(engine(checkpoint, **settings)), expected)
+        serving.assert_same_generation(serving.vllm_greedy(engine(checkpoint, **settings)), expected)
 
 
 @pytest.mark.parametrize("model_type, method", [(t, "visionselector") for t in MODEL_TYPES] + [("qwen2_5_vl", "divprune")])
@@ -64,7 +56,7 @@ def test_pruned_generation_is_the_transformers_integrations(checkpoints, model_t
     checkpoint = checkpoints[model_type]
     actual = serving.vllm_greedy(engine(checkpoint, budget=budget, method=method))
     expected = serving.transformers_greedy(checkpoint, budget, method)
-    assert_same_generation(actual, expected)
+    serving.assert_same_generation(actual, expected)
     for a, (ids, media) in zip(actual, serving.prompts()):
         kept = sum(budget_to_k(image.width * image.height // 64, budget) for image in media)
         assert a["prompt"] == len(ids) - len(media) + kept, "each image keeps budget_to_k of its tokens"
@@ -77,9 +69,9 @@ def test_chunked_prefill_and_prefix_caching_select_as_one_prefill(checkpoints, m
     expected = serving.transformers_greedy(checkpoint, budget)
     chunked = LLM(model=str(checkpoint), **serving.ENGINE, hf_overrides={"visionselector": {"budget": budget}},
                   enable_chunked_prefill=True, max_num_batched_tokens=8, enable_prefix_caching=True)
-    assert_same_generation(serving.vllm_greedy(chunked), expected)
+    serving.assert_same_generation(serving.vllm_greedy(chunked), expected)
     # Again on the cached prefixes: the same image gives the same selection.
-    assert_same_generation(serving.vllm_greedy(chunked), expected)
+    serving.assert_same_generation(serving.vllm_greedy(chunked), expected)
 
 
 def test_both_published_scorer_layouts_load_and_a_missing_scorer_is_refused(checkpoint, tmp_path):

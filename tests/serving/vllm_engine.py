@@ -52,6 +52,16 @@ def vllm_greedy(llm, items=None) -> list[dict]:
              "logprobs": [next(iter(step.values())).logprob for step in o.outputs[0].logprobs]} for o in outs]
 
 
+def assert_same_generation(actual, expected) -> None:
+    """The same greedy ids, and log-probabilities equal to float32 rounding (positions off by
+    one change the log-probabilities of a tiny random model before its ids)."""
+    import pytest
+
+    assert [a["ids"] for a in actual] == [e["ids"] for e in expected]
+    for a, e in zip(actual, expected):
+        assert a["logprobs"] == pytest.approx(e["logprobs"], abs=1e-4)
+
+
 def transformers_greedy(path, budget: float, method: str = "visionselector", items=None) -> list[dict]:
     """The same prompts through vsops' transformers integration (one budget per image, as the
     plugin serves it), each alone: generated ids and their log-probabilities."""
