@@ -11,12 +11,9 @@ from torch import nn
 from vsops.integrations.adapter import adapter_for
 from vsops.integrations.patching import Settings, attach
 from vsops.integrations.runtime import VisionSelector
+from vsops.scorer import SCORER_PREFIXES
 
 __all__ = ["from_pretrained", "SCORER_PREFIXES", "scorer_weights", "read_scorer_weights", "checkpoint_keys"]
-
-# Qwen2.5-VL's published checkpoints (transformers 4.50 layout) and LLaVA-OneVision-1.5's
-# (and every checkpoint saved by transformers 4.52+).
-SCORER_PREFIXES = ("visual.importance_scorer.", "model.visual.importance_scorer.")
 
 
 def scorer_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,7 +6,11 @@ from torch import nn
 
 from vsops.lis import lis_score
 
-__all__ = ["LearnableImportanceScorer"]
+__all__ = ["LearnableImportanceScorer", "SCORER_PREFIXES"]
+
+# Where checkpoints keep the scorer's weights: Qwen2.5-VL's published checkpoints (transformers
+# 4.50 layout), and LLaVA-OneVision-1.5's and every checkpoint saved by transformers 4.52+.
+SCORER_PREFIXES = ("visual.importance_scorer.", "model.visual.importance_scorer.")
 
 
 class LearnableImportanceScorer(nn.Module):

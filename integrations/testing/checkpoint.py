@@ -15,12 +15,10 @@ import torch
 
 from vsops.integrations.testing.prompts import TOKENS
 from vsops.integrations.testing.qwen_vl import tiny_qwen_vl_config
+from vsops.scorer import SCORER_PREFIXES
 
-__all__ = ["SCORER_LAYOUTS", "write_tiny_checkpoint", "tiny_tokenizer", "text_of"]
+__all__ = ["write_tiny_checkpoint", "tiny_tokenizer", "text_of"]
 
-# The two published key layouts of the scorer: transformers <= 4.51 checkpoints (and the
-# published VisionSelector-Qwen2.5-VL) and those saved by 4.52+.
-SCORER_LAYOUTS = ("visual.importance_scorer.", "model.visual.importance_scorer.")
 _MARKERS = {"pad": "<|endoftext|>", "bos": "<|im_start|>", "eos": "<|im_end|>", "image": "<|image_pad|>",
             "video": "<|video_pad|>", "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}
 _CHAT_TEMPLATE = (
@@ -63,14 +61,14 @@ def text_of(ids) -> str:
     return " ".join(words)
 
 
-def write_tiny_checkpoint(path, model_type: str = "qwen2_5_vl", *, scorer_layout: str | None = SCORER_LAYOUTS[1],
+def write_tiny_checkpoint(path, model_type: str = "qwen2_5_vl", *, scorer_layout: str | None = SCORER_PREFIXES[1],
                           proj_dim: int = 16, seed: int = 0, max_pixels: int = 64 * 64, **sizes) -> Path:
     """Writes a random ``model_type`` checkpoint (float32) with its tokenizer and processor to
     ``path`` and returns it.
 
     Args:
         scorer_layout: the key prefix of a random scorer saved with the model (one of
-            :data:`SCORER_LAYOUTS`), or None for a checkpoint without one.
+            :data:`vsops.scorer.SCORER_PREFIXES`), or None for a checkpoint without one.
         proj_dim: the scorer's projection size.
         seed: the weights' seed.
         max_pixels: the image processor's bound on an image's pixels (larger ones are resized
@@ -82,8 +80,8 @@ def write_tiny_checkpoint(path, model_type: str = "qwen2_5_vl", *, scorer_layout
 
     from vsops.scorer import LearnableImportanceScorer
 
-    if scorer_layout is not None and scorer_layout not in SCORER_LAYOUTS:
-        raise ValueError(f"scorer_layout must be one of {SCORER_LAYOUTS} or None, got {scorer_layout!r}")
+    if scorer_layout is not None and scorer_layout not in SCORER_PREFIXES:
+        raise ValueError(f"scorer_layout must be one of {SCORER_PREFIXES} or None, got {scorer_layout!r}")
     path = Path(path)
     config = tiny_qwen_vl_config(model_type, **sizes)
     torch.manual_seed(seed)

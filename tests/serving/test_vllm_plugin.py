@@ -16,7 +16,8 @@ import vllm_engine as serving  # noqa: E402  (sets vLLM's environment before vLL
 from vllm import LLM  # noqa: E402
 
 from vsops.budget import budget_to_k  # noqa: E402
-from vsops.integrations.testing.checkpoint import SCORER_LAYOUTS, write_tiny_checkpoint  # noqa: E402
+from vsops.integrations.testing.checkpoint import write_tiny_checkpoint  # noqa: E402
+from vsops.scorer import SCORER_PREFIXES  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -76,7 +77,7 @@ def test_chunked_prefill_and_prefix_caching_select_as_one_prefill(checkpoints, m
 
 def test_both_published_scorer_layouts_load_and_a_missing_scorer_is_refused(checkpoint, tmp_path):
     expected = serving.vllm_greedy(engine(checkpoint, budget=0.5))
-    other = write_tiny_checkpoint(tmp_path / "old", scorer_layout=SCORER_LAYOUTS[0], **serving.SIZES)
+    other = write_tiny_checkpoint(tmp_path / "old", scorer_layout=SCORER_PREFIXES[0], **serving.SIZES)
     assert serving.vllm_greedy(engine(other, budget=0.5)) == expected
     bare = write_tiny_checkpoint(tmp_path / "bare", scorer_layout=None, **serving.SIZES)
     assert serving.vllm_greedy(engine(bare, budget=0.5, method="norm"))  # a method without a scorer runs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vsops.difftopk import topk_mask
+from vsops.methods.sequence import top_indices, visual_positions
 from vsops.ops import validation
 
 __all__ = ["dart"]
@@ -46,12 +46,9 @@ def dart(hidden: torch.Tensor, key: torch.Tensor, visual: torch.Tensor, k: int, 
       between several images counted as image), and the text pivots the tokens after it;
       here exactly the ``visual`` positions, and the text after the last of them.
     """
-    _check(hidden, key, visual)
-    k = validation.check_int(k, "k")
-    where = visual.nonzero().squeeze(1)
+    _check(hidden, key)
+    where, k = visual_positions(visual, hidden.shape[0], k)
     n = where.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, {n}] (the visual tokens), got {k}")
     for value, name in ((image_pivots, "image_pivots"), (text_pivots, "text_pivots")):
         validation.check_int(value, name)
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -61,9 +58,9 @@ def dart(hidden: torch.Tensor, key: torch.Tensor, visual: torch.Tensor, k: int, 
     text = after if after.numel() else text
 
     chosen = torch.zeros(n, dtype=torch.bool, device=visual.device)
-    first = _top(norm[where], min(image_pivots, k))
+    first = top_indices(norm[where], min(image_pivots, k))
     chosen[first] = True
-    pivots = torch.cat([where[first], text[_top(norm[text], min(text_pivots, text.numel()))]])
+    pivots = torch.cat([where[first], text[top_indices(norm[text], min(text_pivots, text.numel()))]])
     remaining = k - int(chosen.sum())
     if remaining and pivots.numel():
         states = hidden.to(compute)
@@ -74,30 +71,15 @@ def dart(hidden: torch.Tensor, key: torch.Tensor, visual: torch.Tensor, k: int, 
                 continue
             similarity = F.cosine_similarity(states[where], states[pivot].unsqueeze(0), dim=-1)
             candidates = (~chosen).nonzero().squeeze(1)
-            chosen[candidates[_top(-similarity[candidates], quota)]] = True
+            chosen[candidates[top_indices(-similarity[candidates], quota)]] = True
     keep = ~visual
     keep[where[chosen]] = True
     return keep
 
 
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` largest ``scores``, ties to the lower index, in decreasing
-    score."""
-    if count == 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    mask = topk_mask(scores, torch.tensor([count], device=scores.device),
-                     cu_seqlens=torch.tensor([0, scores.numel()], dtype=torch.int32, device=scores.device))
-    picked = mask.nonzero().squeeze(1)
-    # Decreasing score, the lower index first among equals (a stable sort of the ascending indices).
-    return picked[torch.sort(-scores[picked], stable=True).indices]
-
-
-def _check(hidden, key, visual) -> None:
+def _check(hidden, key) -> None:
     validation.check_float(hidden, "hidden")
     validation.check_float(key, "key")
     if hidden.dim() != 2 or key.dim() != 3 or key.shape[0] != hidden.shape[0]:
         raise ValueError(f"hidden must be [L, D] and key [L, Hkv, d] of the same L, got {tuple(hidden.shape)} and "
                          f"{tuple(key.shape)}")
-    if not isinstance(visual, torch.Tensor) or visual.dtype != torch.bool or visual.shape != hidden.shape[:1]:
-        raise ValueError(f"visual must be a bool tensor [{hidden.shape[0]}], got "
-                         f"{getattr(visual, 'dtype', type(visual).__name__)} {tuple(getattr(visual, 'shape', ()))}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from vsops.difftopk import topk_mask
 from vsops.ops import validation
+from vsops.methods.sequence import top_indices, visual_positions
 from vsops.reference import TILE_ELEMENTS
 
 __all__ = ["causal_attention_received", "fastv"]
@@ -74,19 +74,10 @@ def fastv(query: torch.Tensor, key: torch.Tensor, visual: torch.Tensor, k: int, 
       implementation can run the layer.
     """
     _check(query, key, rows)
-    if not isinstance(visual, torch.Tensor) or visual.dtype != torch.bool or visual.shape != query.shape[:1]:
-        raise ValueError(f"visual must be a bool tensor [{query.shape[0]}], got "
-                         f"{getattr(visual, 'dtype', type(visual).__name__)} {tuple(getattr(visual, 'shape', ()))}")
-    k = validation.check_int(k, "k")
-    n = int(visual.sum())
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, {n}] (the visual tokens), got {k}")
+    where, k = visual_positions(visual, query.shape[0], k)
     scores = causal_attention_received(query, key, rows=rows)
-    where = visual.nonzero().squeeze(1)
-    kept = topk_mask(scores[where], torch.tensor([k], device=where.device),
-                     cu_seqlens=torch.tensor([0, where.numel()], dtype=torch.int32, device=where.device))
     keep = ~visual
-    keep[where[kept]] = True
+    keep[where[top_indices(scores[where], k)]] = True
     return keep
 
 

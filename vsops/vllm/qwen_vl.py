@@ -42,14 +42,11 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vsops.budget import budget_to_k
 from vsops.methods import VisionSelectorMethod, make_method
-from vsops.scorer import LearnableImportanceScorer
+from vsops.scorer import SCORER_PREFIXES, LearnableImportanceScorer
 from vsops.vllm.selection import OFFSET_COLUMNS, media_positions, select_media, write_media_positions
 from vsops.vllm.settings import ServingSettings, settings_of
 
 __all__ = ["VisionSelectorQwen2VL", "VisionSelectorQwen2_5_VL", "VisionSelectorQwen3VL"]
-
-SCORER_PREFIXES = ("visual.importance_scorer.", "model.visual.importance_scorer.")
-
 
 class _KeptPlaceholders:
     """Processor mixin: each medium's placeholder run shortened to the tokens kept of it."""
