@@ -1,7 +1,8 @@
 """Selection-method benchmarks (pytest-benchmark): DivPrune against the published algorithm
 (full n x n matrix + greedy loop) with the one-product compute bound, VisionZip's attention
-received against the attention weights formed whole with its two-product bound, and every
-method's selection time per image, at D = 3584, budget 0.1.
+received against the attention weights formed whole with its two-product bound, the attention
+FastV and PyramidDrop read in a language-model layer against the causal weights formed whole,
+and every vision-stage method's selection time per image, at D = 3584, budget 0.1.
 
     python -m pytest benchmarks/test_bench_methods.py --benchmark-only
 
@@ -47,7 +48,21 @@ def test_attention_received_against_materialized_attention(benchmark, n):
     benchmark.extra_info["share_of_compute_bound"] = round(1e-3 * bench_methods.attention_bound_ms(q, k) / ours, 3)
 
 
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("rows", ["all", "last"])
+def test_layer_attention_against_materialized_attention(benchmark, rows):
+    from vsops.methods.layer import attention_received_by_rows
+
+    length = bench_methods.LAYER_LENGTHS[0]
+    q, k = bench_methods.language_queries_keys(length, DEVICE)
+    benchmark.group = f"layer-attention-L={length}"
+    benchmark(lambda: attention_received_by_rows(q, k, rows))
+    if benchmark.disabled:
+        return
+    materialized = timing.seconds(bench_methods.materialized_causal_fn(q, k, rows == "last"))
+    benchmark.extra_info["speedup_vs_materialized"] = round(materialized / benchmark.stats.stats.median, 2)
+
+
+@pytest.mark.parametrize("name", available("vision"))
 @pytest.mark.parametrize("n", bench_methods.METHOD_SIZES)
 def test_method_selection_per_image(benchmark, name, n):
     x = bench_methods.tokens(n, DEVICE)

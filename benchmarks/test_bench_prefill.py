@@ -76,7 +76,7 @@ def test_prefill_visionselector(benchmark, patched):
     if benchmark.disabled:
         return
     prefill = benchmark.stats.stats.median
-    tokens, kept = batch["input_ids"].shape[1], bench_prefill.kept_tokens(model, batch)
+    tokens, (kept, _) = batch["input_ids"].shape[1], bench_prefill.kept_tokens(model, batch)
     selector = bench_prefill.selector_seconds(model, batch, DEVICE)
     benchmark.extra_info["tokens"], benchmark.extra_info["kept_tokens"] = tokens, kept
     benchmark.extra_info["speedup"] = round(unpatched / prefill, 2)

@@ -20,6 +20,8 @@ from vsops.integrations import conventions
 from vsops.integrations.adapter import ModelAdapter, adapter_for
 from vsops.integrations.outputs import attach_selection, causal_lm_loss, replaced, router_balance_loss, routes_experts
 from vsops.integrations.runtime import VisionSelector
+from vsops.integrations.layer_drops import PrefillDrops, register_capture
+from vsops.integrations.layer_drops import unavailable_reason as layer_drops_unavailable
 from vsops.integrations.static_cache import GenerateMasks, prefill_padding
 from vsops.integrations.vision_attention import VisionAttentionCapture
 from vsops.methods import VISION_ATTENTION
@@ -177,11 +179,14 @@ def revert_visionselector(model: nn.Module | None = None) -> None:
     if hasattr(tower, SCORER_ATTRIBUTE):
         delattr(tower, SCORER_ATTRIBUTE)
     _weights_owner(tower, inner).__dict__.pop("_init_weights", None)
-    for module in (top, inner, adapter.language_model(inner)):
+    language_model = adapter.language_model(inner)
+    for module in (top, inner, language_model, *language_model.layers):
         if module is not None:
             module.__dict__.pop("visionselector", None)
             module.__dict__.pop(conventions.MASK_MAKER, None)
+    language_model.__dict__.pop(_DEEPSTACK, None)
     selector.generate_masks = None
+    selector.layer_hooks = False
 
 
 def placeholder_kinds(adapter: ModelAdapter, inner: nn.Module, kwargs: dict) -> torch.Tensor | None:
@@ -422,6 +427,8 @@ def _inner_pre_hook(adapter: ModelAdapter, inner, args, kwargs):
     ids, items = None, 0
     if selector.scope == "image":
         ids, items = image_ids(adapter, inner, kinds, kwargs)
+    if selector.layer_method is not None:
+        _layer_hooks(adapter, inner, selector)
     reads_tower = VISION_ATTENTION in selector.method.needs
     if reads_tower:
         capture = _vision_capture(adapter, inner, selector)
@@ -482,6 +489,71 @@ def _decode_positions(inner, selector: VisionSelector, cache, kwargs) -> None:
             "a step on a cache VisionSelector pruned needs position_ids (in the unpruned sequence, as generate "
             f"passes them): {type(inner).__name__} would count positions from the pruned cache's length"
         )
+
+
+_DEEPSTACK = "_deepstack_process"  # Qwen3-VL's adding of per-layer visual features
+
+
+def _layer_hooks(adapter: ModelAdapter, inner: nn.Module, selector: VisionSelector) -> None:
+    """The hooks by which methods drop tokens inside the language model
+    (:mod:`.layer_drops`): on every decoder layer, and after the language model. Registered the
+    first time such a method runs, so that a model whose methods never do is not touched by
+    them (the hooks run eagerly: a compiled forward breaks its graph at each layer)."""
+    if selector.layer_hooks:
+        return
+    reason = layer_drops_unavailable()
+    if reason:
+        raise ValueError(f"the {selector.layer_method.name!r} method: {reason}")
+    register_capture()
+    language_model = adapter.language_model(inner)
+    for index, layer in enumerate(language_model.layers):
+        layer.__dict__["visionselector"] = selector
+        selector.hooks += [
+            layer.register_forward_pre_hook(functools.partial(_layer_pre_hook, index), with_kwargs=True),
+            layer.register_forward_hook(functools.partial(_layer_post_hook, index), always_call=True),
+        ]
+    selector.hooks.append(language_model.register_forward_hook(_language_model_post_hook, always_call=True))
+    if hasattr(language_model, _DEEPSTACK):
+        language_model.__dict__[_DEEPSTACK] = _DeepstackFollowingDrops(language_model)
+    selector.layer_hooks = True
+
+
+@_opaque_to_compile
+def _layer_pre_hook(index: int, layer, args, kwargs):
+    drops = layer.visionselector.layer_drops
+    if drops is None:
+        return None
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    hidden, kwargs = drops.before_layer(index, layer, hidden, kwargs)
+    return (hidden, *args[1:]), kwargs
+
+
+@_opaque_to_compile
+def _layer_post_hook(index: int, layer, args, output):
+    drops = layer.visionselector.layer_drops
+    if drops is not None:
+        drops.after_layer(index)
+
+
+@_opaque_to_compile
+def _language_model_post_hook(language_model, args, output):
+    language_model.visionselector.finish_layer_drops()
+
+
+class _DeepstackFollowingDrops:
+    """Qwen3-VL's ``_deepstack_process`` on a language model whose layers may have dropped
+    tokens: the visual features and their mask follow the tokens still present. An object, not
+    a closure, so that a deep copy of the model follows its own language model."""
+
+    def __init__(self, language_model: nn.Module):
+        self.language_model = language_model
+
+    def __call__(self, hidden, visual_pos_masks, visual_embeds):
+        drops = self.language_model.visionselector.layer_drops
+        if isinstance(drops, PrefillDrops) and drops.dropped:
+            visual_pos_masks, visual_embeds = drops.deepstack_inputs(visual_pos_masks.to(hidden.device), visual_embeds)
+        return type(self.language_model)._deepstack_process(self.language_model, hidden, visual_pos_masks,
+                                                             visual_embeds)
 
 
 @_opaque_to_compile

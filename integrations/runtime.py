@@ -50,7 +50,9 @@ from vsops.methods import (
     make_method,
     merge_rows,
 )
+from vsops.methods.layer import LayerMethod, Stages
 from vsops.methods.registry import DEFAULT as DEFAULT_METHOD
+from vsops.integrations.layer_drops import PrefillDrops, decode_drops
 from vsops.varlen import (
     SCOPES,
     cu_seqlens_from_counts,
@@ -97,6 +99,12 @@ class Selection:
         attention_mask: int64 ``[B, L']``: the language model's mask of the re-padded kept
             tokens of this call (inference); None when packed.
         padding_side: where the kept tokens were re-padded: the side the caller padded on.
+        visual_counts, kept_visual: per sample, the visual tokens before any selection and
+            those the last layer saw, when a method dropped tokens inside the language model
+            (then ``keep``, ``lengths`` and ``attention_mask`` describe what the last layer saw);
+            None otherwise.
+        layer_tokens: with drops inside the language model, the real tokens of the batch each
+            decoder layer saw; None otherwise.
     """
 
     keep: torch.Tensor | None = None
@@ -109,6 +117,17 @@ class Selection:
     lengths: list[int] | None = None
     attention_mask: torch.Tensor | None = None
     padding_side: str = "left"
+    visual_counts: list[int] | None = None
+    kept_visual: list[int] | None = None
+    layer_tokens: list[int] | None = None
+
+    @property
+    def kept_fraction(self) -> float | None:
+        """The visual tokens the last layer saw over those of the call, when a method dropped
+        tokens inside the language model; None otherwise."""
+        if self.visual_counts is None or not sum(self.visual_counts):
+            return None
+        return sum(self.kept_visual) / sum(self.visual_counts)
 
 
 @dataclasses.dataclass
@@ -231,6 +250,32 @@ class VisionSelector:
         self._call_budget = None  # the budget of the multimodal model's call in progress
         self.call_state = None
         self.generate_masks = None
+        self.layer_drops = None  # the in-LM drops of the language model's call in progress
+        self.layer_hooks = False  # whether the decoder layers carry the in-LM hooks
+
+    @property
+    def vision_method(self) -> SelectionMethod | None:
+        """The method of the vision stage (None when the method acts inside the language model
+        only)."""
+        method = self.method
+        if isinstance(method, Stages):
+            return VisionSelectorMethod(self.scorer) if method.vision == DEFAULT_METHOD else method.vision
+        return None if isinstance(method, LayerMethod) else method
+
+    @property
+    def layer_method(self) -> LayerMethod | None:
+        """The method that drops tokens inside the language model, or None."""
+        method = self.method
+        if isinstance(method, Stages):
+            return method.language
+        return method if isinstance(method, LayerMethod) else None
+
+    def _vision_budget(self, budget: float) -> float:
+        """The vision stage's budget when the call's budget is ``budget``."""
+        method = self.method
+        if isinstance(method, Stages):
+            return method.vision_budget
+        return 1.0 if isinstance(method, LayerMethod) else budget
 
     @property
     def method(self) -> SelectionMethod:
@@ -330,6 +375,7 @@ class VisionSelector:
                 each sequence is then selected as a sample of its own.
         """
         self.last = None
+        self.layer_drops = None
         self._call_cache = cache
         budget = self.budget if budget is None else check_budget(budget, "visionselector_budget")
         self._call_budget = budget
@@ -338,8 +384,11 @@ class VisionSelector:
             return
         if self.scope == "image" and image_ids is None:
             raise ValueError('scope="image" needs the image of each visual token (image_ids)')
-        self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, budget, training, kinds,
-                           visual_mask if placeholders is None else placeholders, sequences)
+        if self.layer_method is not None and (training or sequences is not None):
+            raise ValueError(f"the {self.layer_method.name!r} method drops tokens inside the language model, at "
+                             "inference on padded batches: not in training mode, nor on a padding-free row")
+        self._call = _Call(visual_mask, image_ids, items, self.scope, attention_mask, self._vision_budget(budget),
+                           training, kinds, visual_mask if placeholders is None else placeholders, sequences)
 
     def end_call(self) -> Selection | None:
         """Ends the call; returns what was selected (also kept as :attr:`last`)."""
@@ -370,7 +419,70 @@ class VisionSelector:
         (and ``cache_position``) rewritten to the pruned cache; positions are left as computed
         on the full sequence. ``language_model`` is the module called (its config, and the
         keyword its forward takes the cache under).
+
+        With a method acting inside the language model, the prefill's drops are prepared
+        (:attr:`layer_drops`, run by the decoder layers' hooks), and a call on a cache with
+        drops gives each layer the mask of what it holds.
         """
+        out = self._vision_stage_inputs(kwargs, language_model)
+        call, layer_method = self._call, self.layer_method
+        if call is not None and layer_method is not None:
+            self.layer_drops = self._prefill_drops(call, out, language_model, layer_method)
+        else:
+            self.layer_drops = decode_drops(language_model, out)
+        return out
+
+    def _prefill_drops(self, call: _Call, out: dict, language_model, method: LayerMethod) -> PrefillDrops:
+        """The in-LM drops of this prefill, on the language model's input ``out``: the caller's
+        tokens, or those the vision stage kept (re-padded, or packed)."""
+        if self.packed and (self.last is None or self.last.cu_seqlens is None):
+            raise ValueError(f"packed=True: the {method.name!r} method drops tokens inside the language model of the "
+                             "input it is handed, which is packed only after a vision stage pruned it (vsops.methods."
+                             "Stages) on a varlen attention without a cache")
+        if cache_length(cache_of(out)):
+            raise ValueError(f"the {method.name!r} method drops visual tokens at a prefill from an empty cache; this "
+                             "call brings visual tokens to a cache that holds some already")
+        visual = call.visual_mask
+        b, length = visual.shape
+        segment = self._image_index(call) if call.scope == "image" else torch.zeros_like(visual, dtype=torch.long)
+        origin = torch.arange(length, device=visual.device).expand(b, length)
+        sample = torch.arange(b, device=visual.device).unsqueeze(1).expand(b, length)
+        visual_counts = visual.sum(1).tolist()
+        selection = self.last
+        carried = (sample, origin, visual.long(), segment)
+        cu_seqlens, padding_side = None, "left"
+        if selection is not None and selection.cu_seqlens is not None:
+            tensors = [t.unsqueeze(0) for t in select_and_pack(selection.keep, *carried,
+                                                               counts=selection.lengths).tensors]
+            cu_seqlens = selection.cu_seqlens
+        elif selection is not None and selection.keep is not None:
+            padding_side = selection.padding_side
+            tensors = select_and_pad(selection.keep, *carried, padding_side=padding_side, pad_values=(-1, 0, 0, 0),
+                                     counts=selection.lengths).tensors
+        else:
+            mask = call.attention_mask
+            real = torch.ones_like(visual) if mask is None else mask.bool()
+            padding_side = _padding_side(real[:, 0].tolist(), real[:, -1].tolist())
+            tensors = sample.masked_fill(~real, -1), origin, visual.long(), segment
+        sample, origin, visual, segment = tensors
+        return PrefillDrops(language_model, method, self.call_budget, sample=sample, origin=origin,
+                            visual=visual.bool(), segment=segment, padding_side=padding_side,
+                            visual_counts=visual_counts, cu_seqlens=cu_seqlens)
+
+    def finish_layer_drops(self) -> None:
+        """After the language model's forward: the prefill's drops become :attr:`last`."""
+        drops, self.layer_drops = self.layer_drops, None
+        if not isinstance(drops, PrefillDrops) or not drops.dropped or self._call is None:
+            return
+        keep = drops.keep_of_caller(*self._call.visual_mask.shape)
+        packed = drops.cu_seqlens is not None
+        self.last = Selection(keep=keep, lengths=keep.sum(1).tolist(), attention_mask=None if packed else drops.mask,
+                              cu_seqlens=drops.cu_seqlens if packed else None,
+                              max_seqlen=int(drops.cu_seqlens.diff().max()) if packed else None,
+                              padding_side=drops.padding_side, visual_counts=drops.visual_counts,
+                              kept_visual=drops.kept_visual, layer_tokens=drops.layer_tokens())
+
+    def _vision_stage_inputs(self, kwargs: dict, language_model) -> dict:
         call = self._call
         cache = cache_of(kwargs)
         if self._call_cache is not None and cache is not self._call_cache:
@@ -406,7 +518,7 @@ class VisionSelector:
         visual_rows = self._visual_rows(kwargs, rows_of.numel())
         segments = counts.segments()
         cu = cu_seqlens_from_counts(segments, embeds.device)
-        method = self.method
+        method = self.vision_method
         if call.training and not method.trainable:
             raise ValueError(
                 f"the {method.name!r} method has no training mode: train with the learned scorer "

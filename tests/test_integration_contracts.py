@@ -258,7 +258,7 @@ METHOD_SETTINGS = {"visionzip": {"contextual_ratio": 0.2}}
 
 
 @pytest.mark.parametrize("scope", ["sample", "image"])
-@pytest.mark.parametrize("method", [m for m in vsops.methods.available() if m != "visionselector"])
+@pytest.mark.parametrize("method", [m for m in vsops.methods.available("vision") if m != "visionselector"])
 def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope):
     model = setup.make_model()
     batch = setup.make_batch(PROMPTS)
@@ -275,17 +275,22 @@ def test_every_method_prunes_as_its_plain_function_selects(setup, method, scope)
     expected = ~visual & batch["attention_mask"].bool()
     if vsops.methods.VISION_ATTENTION in vsops.methods.method_class(method).needs:
         received, keys = vision_attention_by_hand(setup, model, batch)
-        plain = functools.partial(getattr(vsops.methods, method), k=k, received=received, keys=keys,
-                                  cu_seqlens=cu, **settings)
+        function = getattr(vsops.methods, method)
+        reads = dict(received=received, keys=keys)
+        reads = {name: value for name, value in reads.items() if name in inspect.signature(function).parameters}
+        plain = functools.partial(function, k=k, cu_seqlens=cu, **reads, **settings)
         chosen = plain(embeds[visual])
-        assert not settings or (chosen.merged_into >= 0).any()  # the merge is exercised
-        expected[visual] = chosen.keep
-        embeds = embeds.clone()
-        embeds[visual] = chosen.embeds
-        # Rows per visual token (Qwen3-VL's deepstack features) merge as the embeddings do: the
-        # plain function run on them in place of the embeddings.
-        extra = {name: value if torch.is_tensor(value) and value.shape[:2] == visual.shape else
-                 [plain(t).embeds for t in value] for name, value in extra.items()}
+        if isinstance(chosen, torch.Tensor):  # a keep mask: the kept tokens keep their embeddings
+            expected[visual] = chosen
+        else:
+            assert not settings or (chosen.merged_into >= 0).any()  # the merge is exercised
+            expected[visual] = chosen.keep
+            embeds = embeds.clone()
+            embeds[visual] = chosen.embeds
+            # Rows per visual token (Qwen3-VL's deepstack features) merge as the embeddings do:
+            # the plain function run on them in place of the embeddings.
+            extra = {name: value if torch.is_tensor(value) and value.shape[:2] == visual.shape else
+                     [plain(t).embeds for t in value] for name, value in extra.items()}
     else:
         expected[visual] = getattr(vsops.methods, method)(embeds[visual], k, cu_seqlens=cu)
     torch.testing.assert_close(out.visionselector.keep, expected, rtol=0, atol=0)
@@ -422,7 +427,7 @@ def test_methods_switch_per_call_and_training_needs_the_learned_scorer(setup):
     with selector.using(method="norm"), pytest.raises(ValueError, match="'norm' method has no training mode"):
         model(**batch)
     with pytest.raises(ValueError, match="unknown selection method"):
-        selector.method = "fastv"
+        selector.method = "sparsevlm"
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS, [[2, ("video", 4, 4, 4), ("image", 4, 4), 5], [3, ("image", 8, 8), 4]]],
@@ -911,7 +916,7 @@ def test_registry_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="from_pretrained"):
         apply_visionselector_to_llava_ov_1_5(None)
     with pytest.raises(ValueError, match="method"):
-        from_pretrained(tmp_path, method="fastv")
+        from_pretrained(tmp_path, method="sparsevlm")
     with pytest.raises(TypeError, match="method must be"):
         from_pretrained(tmp_path, method=5)
     with pytest.raises(ValueError, match="budget"):

@@ -190,7 +190,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         (["--task", "synthetic", "--budget", "1.5"], "budget must be in"),
         (["--task", "synthetic", "--batch-size", "6", "--micro-batch-size", "4"], "micro-batches of 4"),
         (["--data", "x.jsonl"], "--data needs --model"),
-        (["--task", "synthetic", "--eval-methods", "random,fastv"], "unknown selection method 'fastv'"),
+        (["--task", "synthetic", "--eval-methods", "random,sparsevlm"], "unknown selection method 'sparsevlm'"),
     ],
 )
 def test_cli_reports_bad_settings(tmp_path, args, message):

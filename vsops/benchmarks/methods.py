@@ -10,7 +10,12 @@
   published code reads, the attention weights formed whole (``softmax(q k^T)`` per head), with
   the compute bound: one ``q k^T`` product per head, timed on a tile of query rows in the same
   run (the CPU kernel makes it once, the GPU kernels twice).
-- Every registered method's selection time per image (``k = budget_to_k(N, 0.1)``; VisionZip's
+- The attention FastV and PyramidDrop read inside the language model (a layer of
+  Qwen2.5-VL-7B's: 28 query heads and 4 key heads of 128, causal) over a prompt of ``L``
+  tokens: every query row's (FastV, :func:`vsops.methods.causal_attention_received`, tiles of
+  query rows) and the last row's (PyramidDrop, the fused :func:`vsops.attention_received`),
+  against the published reading, the causal attention weights formed whole.
+- Every vision-stage method's selection time per image (``k = budget_to_k(N, 0.1)``; VisionZip's
   includes its attention pass), next to the learned LIS scorer's (hidden 3584 -> 1792), and the
   language-model prefill the dropped tokens save: ``2 x 6.5e9`` FLOPs per token (Qwen2.5-VL-7B's
   language model without embeddings; attention's quadratic term left out) at the matrix-product
@@ -29,6 +34,8 @@ from vsops.budget import budget_to_k
 from vsops.reference import TILE_ELEMENTS
 
 DIM = 3584
+LANGUAGE_HEADS, LANGUAGE_KV_HEADS, LANGUAGE_HEAD_DIM = 28, 4, 128
+LAYER_LENGTHS = (1024, 4096)
 BUDGET = 0.1
 DIVPRUNE_SIZES = (1024, 4096, 16384)
 METHOD_SIZES = (1024, 4096)
@@ -189,16 +196,58 @@ def measure_attention(n: int, device, dtype=torch.float32) -> AttentionRow:
 
 
 def measure_methods(device, dtype=torch.float32) -> dict[str, dict[int, float]]:
-    """Milliseconds per image of every registered method at each of :data:`METHOD_SIZES`."""
+    """Milliseconds per image of every vision-stage method at each of :data:`METHOD_SIZES`."""
     from vsops.methods import available
 
     table: dict[str, dict[int, float]] = {}
     for n in METHOD_SIZES:
         x = tokens(n, device, dtype)
         k = budget_to_k(n, BUDGET)
-        for name in available():
+        for name in available("vision"):
             table.setdefault(name, {})[n] = 1e3 * seconds(method_fn(name, x, k), 0.3)
     return table
+
+
+def language_queries_keys(length: int, device, dtype=torch.float32, seed: int = 2):
+    """Random ``q [length, LANGUAGE_HEADS, LANGUAGE_HEAD_DIM]`` and ``k [length,
+    LANGUAGE_KV_HEADS, LANGUAGE_HEAD_DIM]`` of one language-model layer."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(length, LANGUAGE_HEADS, LANGUAGE_HEAD_DIM, generator=g)
+    k = torch.randn(length, LANGUAGE_KV_HEADS, LANGUAGE_HEAD_DIM, generator=g)
+    return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
+
+
+def materialized_causal_fn(q: torch.Tensor, k: torch.Tensor, last: bool) -> Callable[[], object]:
+    """What the published FastV and PyramidDrop read: the layer's causal attention weights
+    formed whole (eager attention), averaged over heads, then over the rows (or the last row)."""
+    keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).permute(1, 2, 0)
+    scale = q.shape[-1] ** -0.5
+    future = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool, device=q.device).triu(1)
+
+    def run():
+        weights = (torch.matmul(q.transpose(0, 1), keys) * scale).masked_fill(future, float("-inf")).softmax(-1)
+        return weights.mean(0)[-1] if last else weights.mean(0).mean(0)
+
+    return run
+
+
+@dataclasses.dataclass
+class LayerAttentionRow:
+    length: int
+    rows: str  # "all" (FastV) or "last" (PyramidDrop)
+    vsops_ms: float
+    materialized_ms: float | None  # None: beyond MATERIALIZED_LIMIT
+
+
+def measure_layer_attention(length: int, rows: str, device, dtype=torch.float32) -> LayerAttentionRow:
+    from vsops.methods.layer import attention_received_by_rows
+
+    q, k = language_queries_keys(length, device, dtype)
+    materialized = None
+    if LANGUAGE_HEADS * length * length * 4 <= MATERIALIZED_LIMIT:
+        materialized = 1e3 * seconds(materialized_causal_fn(q, k, rows == "last"), 0.3)
+    return LayerAttentionRow(length, rows, 1e3 * seconds(lambda: attention_received_by_rows(q, k, rows), 0.3),
+                             materialized)
 
 
 def prefill_saved_ms(n: int, device, dtype=torch.float32) -> float:
@@ -232,6 +281,17 @@ def summary(device="cpu", dtype=torch.float32, file: TextIO = sys.stdout, sizes=
         speedup = "-" if r.materialized_ms is None else f"{r.materialized_ms / r.vsops_ms:.1f}x"
         print(f"| {r.tokens} | {r.patches} | {r.vsops_ms:.1f} | {slow} | {speedup} | {r.bound_ms:.1f} | "
               f"{100 * r.share:.0f}% |", file=file)
+    print(f"\nThe attention FastV (every row) and PyramidDrop (the last row) read in a language-model layer "
+          f"({LANGUAGE_HEADS} query heads, {LANGUAGE_KV_HEADS} key heads x {LANGUAGE_HEAD_DIM}, causal) against the "
+          "attention weights formed whole:", file=file)
+    print("| L | rows | vsops ms | materialized ms | speedup |", file=file)
+    print("|" + "---|" * 5, file=file)
+    for length in LAYER_LENGTHS:
+        for rows in ("all", "last"):
+            r = measure_layer_attention(length, rows, device, dtype)
+            slow = "-" if r.materialized_ms is None else f"{r.materialized_ms:.1f}"
+            speedup = "-" if r.materialized_ms is None else f"{r.materialized_ms / r.vsops_ms:.1f}x"
+            print(f"| {r.length} | {r.rows} | {r.vsops_ms:.2f} | {slow} | {speedup} |", file=file)
     table = measure_methods(device, dtype)
     saved = {n: prefill_saved_ms(n, device, dtype) for n in METHOD_SIZES}
     print("\nSelection time per image (ms), every method, and the language-model prefill the dropped tokens "

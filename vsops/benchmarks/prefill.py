@@ -11,12 +11,16 @@ its vision-start and vision-end tokens), 30 text tokens; L = 2,086 tokens. Per r
 - prefill ms: the median of several forwards after a warm-up, on all the threads torch uses;
 - speedup over the unpatched prefill, and the ideal L / L': the total tokens over the tokens the
   language model keeps, i.e. the speedup of a language model whose cost were linear in its
-  tokens. The vision tower sees every patch whatever the budget; its time alone is printed
+  tokens. For a method dropping tokens inside the language model (``--method fastv``, ``pdrop``,
+  ``dart``), the layers before a drop see every token: the ideal is then ``layers x L`` over
+  the tokens the layers see, and each of its rows (budgets 1.0, 0.5, 0.3, 0.2, 0.1, those it can
+  reach) is followed by the learned vision-stage selector's at the same budget. The vision tower sees every patch whatever the budget; its time alone is printed
   with the table, as the part of the prefill that cannot shrink;
 - selector ms and its share of the prefill: the time spent in
   ``VisionSelector.language_model_inputs`` (the method's selection, LIS scoring and top-k by
   default, and gathering the kept tokens into the padded language-model inputs), plus, for a
-  method reading the vision tower's attention, that attention pass, summed per forward;
+  method reading the vision tower's attention, that attention pass, and for a method inside the
+  language model, its drops, summed per forward;
 - peak MB: the memory the forward adds at its peak (CUDA: ``max_memory_allocated``; CPU on
   Linux: the resident-set high-water mark, reset through ``/proc/self/clear_refs``).
 """
@@ -37,6 +41,10 @@ import torch
 from vsops.integrations.testing.qwen_vl import QWEN_VL_MODEL_TYPES
 
 BUDGETS = (1.0, 0.3, 0.2, 0.1)
+# Methods inside the language model also at 0.5: PyramidDrop's average over the layers cannot go
+# below the share of layers before its first drop (2 of 6 here).
+LAYER_BUDGETS = (1.0, 0.5, 0.3, 0.2, 0.1)
+COMPARED_METHOD = "visionselector"  # the vision-stage rows beside a method inside the language model
 MODELS = {
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
@@ -170,9 +178,10 @@ def median_seconds(fn: Callable[[], object], device, repeats: int = REPEATS) -> 
 def timing_selector(selector, device):
     """Times every ``selector.language_model_inputs`` call while active, and the
     vision-attention pass of methods that read the tower (``attention_received`` inside its
-    hooks); yields the list the call times (seconds) are appended to. The hooks look the method
-    and the operator up on each call, so shadowing them is enough."""
-    from vsops.integrations import vision_attention
+    hooks), and the drops of methods inside the language model (their attention pass, selection
+    and gathers); yields the list the call times (seconds) are appended to. The hooks look the
+    method, the operator and the drop up on each call, so shadowing them is enough."""
+    from vsops.integrations import layer_drops, vision_attention
 
     device = torch.device(device)
 
@@ -188,14 +197,16 @@ def timing_selector(selector, device):
         return run
 
     times: list[float] = []
-    operator = vision_attention.attention_received
+    operator, drop = vision_attention.attention_received, layer_drops.PrefillDrops._drop
     selector.language_model_inputs = timed(selector.language_model_inputs)
     vision_attention.attention_received = timed(operator)
+    layer_drops.PrefillDrops._drop = timed(drop)
     try:
         yield times
     finally:
         del selector.language_model_inputs
         vision_attention.attention_received = operator
+        layer_drops.PrefillDrops._drop = drop
 
 
 def selector_seconds(model, batch, device, repeats: int = SELECTOR_REPEATS) -> float:
@@ -211,14 +222,18 @@ def selector_seconds(model, batch, device, repeats: int = SELECTOR_REPEATS) -> f
     return statistics.median(per_forward)
 
 
-def kept_tokens(model, batch) -> int:
-    """L': the tokens the language model sees in a patched prefill of one sample (a ValueError
-    if the model is not patched)."""
+def kept_tokens(model, batch) -> tuple[int, list[int] | None]:
+    """L', the tokens the language model's last layer sees in a patched prefill of one sample,
+    and with drops inside the language model the tokens of each layer (a ValueError if the
+    model is not patched)."""
     from vsops.integrations import is_visionselector_applied, kept_mask
 
     if not is_visionselector_applied(model):
         raise ValueError("the model does not carry VisionSelector")
-    return int(kept_mask(prefill_fn(model, batch)(), batch.get("attention_mask"), batch["input_ids"].shape)[0].sum())
+    out = prefill_fn(model, batch)()
+    selection = out.get("visionselector") if hasattr(out, "get") else None
+    kept = int(kept_mask(out, batch.get("attention_mask"), batch["input_ids"].shape)[0].sum())
+    return kept, None if selection is None else selection.layer_tokens
 
 
 def _status_kib(key: str) -> int:
@@ -262,18 +277,26 @@ def peak_memory_bytes(fn: Callable[[], object], device) -> int | None:
 class PrefillRow:
     budget: float | None  # None: the unpatched model
     tokens: int  # L
-    kept: int  # L'
+    kept: int  # L': the tokens the last layer sees
     ms: float
     selector_ms: float
     peak_mb: float | None
+    method: str = ""
+    layer_tokens: list[int] | None = None  # with drops inside the language model: per layer
 
     @property
     def name(self) -> str:
-        return "unpatched" if self.budget is None else f"budget {self.budget}"
+        if self.budget is None:
+            return "unpatched"
+        return f"{self.method}, budget {self.budget}" if self.method else f"budget {self.budget}"
 
     @property
     def ideal_speedup(self) -> float:
-        return self.tokens / self.kept
+        """The speedup of a language model whose cost were linear in its tokens: ``L / L'``, or
+        with drops inside it ``layers x L`` over the tokens its layers see."""
+        if self.layer_tokens is None:
+            return self.tokens / self.kept
+        return len(self.layer_tokens) * self.tokens / sum(self.layer_tokens)
 
     @property
     def selector_share(self) -> float:
@@ -304,29 +327,50 @@ def measure_unpatched(model, batch, device) -> PrefillRow:
     )
 
 
-def measure_budget(model, batch, device, budget: float) -> PrefillRow:
-    """One row for a model patched with :func:`vsops.integrations.apply_visionselector`."""
+def measure_budget(model, batch, device, budget: float, method: str = "") -> PrefillRow:
+    """One row for a model patched with :func:`vsops.integrations.apply_visionselector`
+    (``method``: the name the row shows, if any)."""
     model.visionselector.budget = budget
     run = prefill_fn(model, batch)
+    kept, layer_tokens = kept_tokens(model, batch)
     return PrefillRow(
         budget=budget,
         tokens=batch["input_ids"].shape[1],
-        kept=kept_tokens(model, batch),
+        kept=kept,
         ms=1e3 * median_seconds(run, device),
         selector_ms=1e3 * selector_seconds(model, batch, device),
         peak_mb=_megabytes(peak_memory_bytes(run, device)),
+        method=method,
+        layer_tokens=layer_tokens,
     )
 
 
-def measure_all(model, batch, device, method: str = "visionselector") -> list[PrefillRow]:
+def measure_all(model, batch, device, method: str = "visionselector", progress=None) -> list[PrefillRow]:
     """The unpatched row, then one per budget of :data:`BUDGETS` selecting with ``method``; the
-    model is patched for the budget rows and reverted afterwards."""
+    model is patched for the budget rows and reverted afterwards. A method inside the language
+    model is measured at :data:`LAYER_BUDGETS` (those it can reach), each beside the
+    :data:`COMPARED_METHOD` vision stage at the same budget. ``progress`` (a tqdm bar)
+    advances by one per row."""
     from vsops.integrations import apply_visionselector, revert_visionselector
+    from vsops.methods import make_method, method_class
 
     rows = [measure_unpatched(model, batch, device)]
-    apply_visionselector(model, budget=BUDGETS[0], method=method)
+    if progress is not None:
+        progress.update(1)
+    inside = method_class(method).stage == "language"
+    budgets = LAYER_BUDGETS if inside else BUDGETS
+    apply_visionselector(model, budget=budgets[0], method=method)
     try:
-        rows += [measure_budget(model, batch, device, budget) for budget in BUDGETS]
+        for budget in budgets:
+            if inside and not make_method(method).reaches(budget, MODEL_SIZES["layers"]):
+                continue
+            model.visionselector.method = method
+            rows.append(measure_budget(model, batch, device, budget, method if inside else ""))
+            if inside and budget < 1.0:
+                model.visionselector.method = COMPARED_METHOD
+                rows.append(measure_budget(model, batch, device, budget, COMPARED_METHOD))
+            if progress is not None:
+                progress.update(1)
     finally:
         revert_visionselector(model)
     return rows

@@ -36,8 +36,7 @@ def run_demo(output_dir="vsops-demo", *, budgets=DEFAULT_BUDGETS, retrain: bool 
     from vsops.demo import measure, plots, report
     from vsops.demo.model import SHIPPED, load, retrain as retrain_model, shipped_metrics
     from vsops.demo.selection import board_selections
-    from vsops.methods import available
-    from vsops.training.evaluate import answer_tables
+    from vsops.training.evaluate import answer_tables, compared_methods
     from vsops.training.run import HELD_OUT_INDEX
     from vsops.training.synthetic import SyntheticTask
 
@@ -51,14 +50,14 @@ def run_demo(output_dir="vsops-demo", *, budgets=DEFAULT_BUDGETS, retrain: bool 
     model = load(model_dir)
     seconds["model"] = time.perf_counter() - start
     task = SyntheticTask(**shipped_metrics(SHIPPED)["task"])
-    methods = available()
+    methods = compared_methods(model, budgets)
 
     start = time.perf_counter()
     indices = range(HELD_OUT_INDEX, HELD_OUT_INDEX + examples)
-    with tqdm(total=1, desc="accuracy", disable=not progress) as bar:
+    with tqdm(total=len(methods) * (len(budgets) + 1), desc="accuracy (method x budget)",
+              disable=not progress) as bar:
         tables = answer_tables(model, [task[i] for i in indices], list(task.answer_tokens), budgets=budgets + [1.0],
-                               methods=methods, needles=[task.target_position(i) for i in indices])
-        bar.update(1)
+                               methods=methods, needles=[task.target_position(i) for i in indices], progress=bar)
     seconds["accuracy"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -81,9 +80,8 @@ def run_demo(output_dir="vsops-demo", *, budgets=DEFAULT_BUDGETS, retrain: bool 
     }
     if timing:
         start = time.perf_counter()
-        with tqdm(total=1, desc="prefill", disable=not progress) as bar:
-            rows, vision_ms = measure.prefill_rows()
-            bar.update(1)
+        with tqdm(total=measure.PREFILL_ROWS, desc="prefill (rows)", disable=not progress) as bar:
+            rows, vision_ms = measure.prefill_rows(progress=bar)
         plots.save(plots.prefill_figure(rows, vision_ms), output / "prefill.png")
         results["prefill"] = {"vision_ms": vision_ms, "rows": [dataclasses.asdict(r) for r in rows]}
         seconds["prefill"] = time.perf_counter() - start

@@ -63,6 +63,7 @@ def _attention(device):
 
 
 KERNELS = (_difftopk, _lis, _varlen, _divprune, _attention)
+PREFILL_ROWS = 5  # the unpatched model and the learned scorer at the 4 budgets of vsops bench --op prefill
 
 
 def kernel_rows(device="cpu", progress=None) -> list[KernelRow]:
@@ -74,12 +75,13 @@ def kernel_rows(device="cpu", progress=None) -> list[KernelRow]:
     return rows
 
 
-def prefill_rows(device="cpu"):
-    """``(rows, vision tower ms)`` of ``vsops bench --op prefill`` (the learned scorer)."""
+def prefill_rows(device="cpu", progress=None):
+    """``(rows, vision tower ms)`` of ``vsops bench --op prefill`` (the learned scorer);
+    ``progress`` (a tqdm bar) advances by one per row."""
     from vsops.benchmarks import prefill as bench_prefill
 
     device = torch.device(device)
     model = bench_prefill.build_model(device)
     batch = bench_prefill.make_batch(device)
     vision_ms = 1e3 * bench_prefill.median_seconds(bench_prefill.vision_tower_fn(model, batch), device)
-    return bench_prefill.measure_all(model, batch, device), vision_ms
+    return bench_prefill.measure_all(model, batch, device, progress=progress), vision_ms

@@ -49,6 +49,24 @@ def _accuracy_table(results) -> list[str]:
     return lines
 
 
+def _inside_note(results) -> list[str]:
+    """What the rows of methods inside the language model mean, when there are some."""
+    from vsops.methods import available
+
+    inside = [name for name in results["accuracy"] if name in available("language")]
+    if not inside:
+        return []
+    left_out = sorted(set(available("language")) - set(inside))
+    note = (f"{', '.join(inside)} drop tokens inside the language model, before its layer 1 of 2: layer 0 sees every "
+            "token, and the share kept is the last layer's. Layer 0 has already carried what the question needs to "
+            "the text, so these rows answer well with the target dropped: in a model this shallow they measure what "
+            "layer 0 did more than the selection.")
+    if left_out:
+        note += (f" Left out: {', '.join(left_out)}, whose kept share averaged over the layers cannot go as low as "
+                 f"{min(results['settings']['budgets']):.0%} in 2 layers.")
+    return [note, ""]
+
+
 def write_report(path, results: dict) -> None:
     s = results["settings"]
     lines = [
@@ -69,6 +87,7 @@ def write_report(path, results: dict) -> None:
         "",
         *_accuracy_table(results),
         "",
+        *_inside_note(results),
     ]
     if "prefill" in results:
         p = results["prefill"]

@@ -24,6 +24,7 @@ from vsops.methods.divprune import DivPruneMethod, divprune
 from vsops.methods.dart import dart
 from vsops.methods.fastv import causal_attention_received, fastv
 from vsops.methods.pdrop import pdrop, pdrop_layers, pdrop_ratio
+from vsops.methods.layer import DARTMethod, FastVMethod, LayerMethod, LayerState, PDropMethod, Stages
 from vsops.methods.registry import available, make_method, method_class, register_method
 from vsops.methods.scoring import (
     MeanAttentionMethod,
@@ -35,6 +36,8 @@ from vsops.methods.scoring import (
     random,
 )
 from vsops.methods.visionzip import VisionZipMethod, visionzip
+from vsops.methods.holov import HoloVMethod, holov
+from vsops.methods.prumerge import PruMergePlusMethod, prumerge_plus
 
 __all__ = [
     "available",
@@ -52,6 +55,12 @@ __all__ = [
     "pdrop",
     "pdrop_layers",
     "pdrop_ratio",
+    "LayerMethod",
+    "LayerState",
+    "FastVMethod",
+    "PDropMethod",
+    "DARTMethod",
+    "Stages",
     "VisionAttention",
     "VISUAL_TOKENS",
     "VISION_ATTENTION",
@@ -66,4 +75,8 @@ __all__ = [
     "mean_attention",
     "divprune",
     "visionzip",
+    "HoloVMethod",
+    "PruMergePlusMethod",
+    "holov",
+    "prumerge_plus",
 ]

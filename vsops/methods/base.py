@@ -101,6 +101,7 @@ class SelectionMethod:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset({VISUAL_TOKENS})
     trainable: ClassVar[bool] = False
+    stage: ClassVar[str] = "vision"  # or "language": it acts inside the language model
 
     def select(self, x: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> Selected:
         """The tokens to keep.

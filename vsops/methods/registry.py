@@ -17,9 +17,17 @@ def register_method(cls: type[SelectionMethod]) -> type[SelectionMethod]:
     return cls
 
 
-def available() -> list[str]:
-    """The registered method names, the learned scorer (``"visionselector"``) first."""
-    return sorted(_METHODS, key=lambda name: (name != DEFAULT, name))
+STAGES = ("vision", "language")
+
+
+def available(stage: str | None = None) -> list[str]:
+    """The registered method names, the learned scorer (``"visionselector"``) first: all, or
+    those of one ``stage`` (``"vision"``: they select the visual tokens before the language
+    model; ``"language"``: they drop them inside it)."""
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
+    names = [name for name, cls in _METHODS.items() if stage is None or cls.stage == stage]
+    return sorted(names, key=lambda name: (name != DEFAULT, name))
 
 
 def method_class(name: str) -> type[SelectionMethod]:

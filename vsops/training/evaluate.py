@@ -9,7 +9,7 @@ from torch import nn
 from vsops.integrations.outputs import kept_mask
 from vsops.training.data import Example, collate_for_model
 
-__all__ = ["answer_metrics", "answer_accuracy", "answer_tables", "pruned_loss", "loss_table"]
+__all__ = ["compared_methods", "answer_metrics", "answer_accuracy", "answer_tables", "pruned_loss", "loss_table"]
 
 
 @contextlib.contextmanager
@@ -24,12 +24,26 @@ def _evaluating(model: nn.Module, budget: float):
         model.train(was_training)
 
 
-def _per_method(model: nn.Module, budgets, methods):
-    """Yields ``(method name, budget)`` with the model selecting by that method (default: every
-    registered one), its random state restarted at every budget."""
-    from vsops.methods import available
+def compared_methods(model: nn.Module, budgets) -> list[str]:
+    """The registered methods an evaluation at ``budgets`` compares by default: every
+    vision-stage one, and those inside the language model that can keep each of ``budgets`` in
+    the patched ``model``'s language model (PyramidDrop cannot go below the share of its layers
+    before its first drop), where the installed transformers runs them."""
+    from vsops.integrations.layer_drops import unavailable_reason
+    from vsops.methods import available, make_method
 
-    for method in available() if methods is None else methods:
+    if unavailable_reason():
+        return available("vision")
+    layers = model.config.get_text_config().num_hidden_layers
+    inside = [name for name in available("language")
+              if all(make_method(name).reaches(budget, layers) for budget in budgets)]
+    return available("vision") + inside
+
+
+def _per_method(model: nn.Module, budgets, methods):
+    """Yields ``(method name, budget)`` with the model selecting by that method (default:
+    :func:`compared_methods`), its random state restarted at every budget."""
+    for method in compared_methods(model, budgets) if methods is None else methods:
         for budget in budgets:
             with model.visionselector.using(method=method) as selector:
                 chosen = selector.method
@@ -86,17 +100,20 @@ def answer_accuracy(model: nn.Module, examples: list[Example], answer_tokens: li
 
 def answer_tables(
     model: nn.Module, examples: list[Example], answer_tokens: list[int], *, budgets=(0.1, 0.2, 0.3, 1.0),
-    methods=None, needles: list[int] | None = None, batch_size: int = 64,
+    methods=None, needles: list[int] | None = None, batch_size: int = 64, progress=None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """:func:`answer_metrics` at each budget with each selection method (names or
-    :class:`~vsops.methods.SelectionMethod` instances; default: every registered one, the
+    :class:`~vsops.methods.SelectionMethod` instances; default: :func:`compared_methods`, the
     model's learned scorer as ``"visionselector"``):
-    ``{"accuracy": {"visionselector": {"0.1": ..., ...}, "divprune": {...}}, "needle_kept": ...}``."""
+    ``{"accuracy": {"visionselector": {"0.1": ..., ...}, "divprune": {...}}, "needle_kept": ...}``;
+    ``progress`` (a tqdm bar) advances by one per method and budget."""
     tables: dict = {}
     for name, budget in _per_method(model, budgets, methods):
         metrics = answer_metrics(model, examples, answer_tokens, budget=budget, needles=needles, batch_size=batch_size)
         for metric, value in metrics.items():
             tables.setdefault(metric, {}).setdefault(name, {})[str(budget)] = value
+        if progress is not None:
+            progress.update(1)
     return tables
 
 

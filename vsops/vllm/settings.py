@@ -66,6 +66,12 @@ def settings_of(config) -> ServingSettings | None:
     method = entry.get("method", "visionselector")
     if method not in available():
         raise ValueError(f"{CONFIG_KEY}.method {method!r} is not a registered method; registered: {available()}")
+    if method_class(method).stage == "language":
+        raise ValueError(
+            f"{CONFIG_KEY}.method {method!r} drops tokens inside the language model, which the vLLM plugin does not "
+            "do (vLLM's scheduler sizes each request's KV cache from its prompt); use a vision-stage method: "
+            f"{available('vision')}"
+        )
     if method_class(method).needs - {VISUAL_TOKENS}:
         raise ValueError(
             f"{CONFIG_KEY}.method {method!r} reads the vision tower's attention, which the vLLM plugin does not "
