@@ -1,10 +1,12 @@
-"""The ``vsops`` command: ``vsops demo``, ``vsops info``, ``vsops bench`` and ``vsops train``."""
+"""The ``vsops`` command: ``vsops demo``, ``vsops show``, ``vsops info``, ``vsops bench``, ``vsops eval`` and
+``vsops train``."""
 from __future__ import annotations
 
 import argparse
 import io
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -25,13 +27,38 @@ def _method_name(name: str) -> str:
     return name
 
 
-def _budget_list(text: str) -> list[float]:
+def _name_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
+
+
+def _method_list(text: str) -> list[str]:
+    return [_method_name(name) for name in _name_list(text)]
+
+
+def _fractions(text: str) -> list[float]:
     try:
         budgets = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.1,0.2,0.3, got {text!r}") from None
-    if not budgets or any(not 0 < b < 1 for b in budgets):
+    if not budgets:
+        raise argparse.ArgumentTypeError(f"give at least one budget, got {text!r}")
+    return budgets
+
+
+def _budget_list(text: str) -> list[float]:
+    budgets = _fractions(text)
+    if any(not 0 < b < 1 for b in budgets):
         raise argparse.ArgumentTypeError(f"each budget must be in (0, 1) (1.0 is always added), got {text!r}")
+    return budgets
+
+
+def _grid_budgets(text: str) -> list[float]:
+    budgets = _fractions(text)
+    if any(not 0 < b <= 1 for b in budgets):
+        raise argparse.ArgumentTypeError(f"each budget must be in (0, 1] (1.0: the unpatched model), got {text!r}")
     return budgets
 
 
@@ -128,6 +155,26 @@ def main(argv: list[str] | None = None) -> int:
         "--method", default="visionselector", type=_method_name,
         help="prefill: the selection method of the patched rows (default: visionselector; see vsops.methods)",
     )
+    evaluation = commands.add_parser(
+        "eval", help="a grid of task x method x budget through lmms-eval, resumable, with a summary"
+    )
+    evaluation.add_argument("--model", required=True, help="a model directory (a supported family, or a synthetic-task "
+                            "model such as the demo's: vsops/demo/model)")
+    evaluation.add_argument("--tasks", required=True, type=_name_list, metavar="T,T", help="lmms-eval task names")
+    evaluation.add_argument("--methods", default=["visionselector"], type=_method_list, metavar="M,M",
+                            help="selection methods (default: visionselector)")
+    evaluation.add_argument("--budgets", default=[0.1, 0.2, 0.3, 1.0], type=_grid_budgets, metavar="B,B",
+                            help="budgets (default: 0.1,0.2,0.3,1.0; 1.0 is the unpatched model)")
+    evaluation.add_argument("--limit", type=_positive_int, help="samples per task (default: all)")
+    evaluation.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generation (default: 8)")
+    evaluation.add_argument("--scope", default="sample", choices=["sample", "image"], help="budget per sample or image")
+    evaluation.add_argument("--output-dir", required=True, help="one directory per cell, and the summary")
+    evaluation.add_argument("--min-pixels", type=_positive_int, help="the image processor's least pixels per image")
+    evaluation.add_argument("--max-pixels", type=_positive_int, help="the image processor's most pixels per image")
+    evaluation.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    evaluation.add_argument("--dry-run", action="store_true",
+                            help="check the tasks, methods and budgets and list the cells, loading no model")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
     from vsops.training.run import add_arguments
 
     add_arguments(commands.add_parser("train", help="train a VisionSelector scorer (synthetic task or JSONL data)"))
@@ -141,6 +188,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vsops {args.command} needs {', '.join(missing)}: pip install --no-build-isolation -e \".[demo]\"",
                   file=sys.stderr)
             return 1
+    if args.command == "eval":
+        import importlib.util
+
+        if importlib.util.find_spec("lmms_eval") is None:
+            print("vsops eval needs lmms-eval: pip install --no-deps lmms-eval==0.7.3 && "
+                  "pip install --no-build-isolation -e \".[eval]\"", file=sys.stderr)
+            return 1
+        from vsops.eval.grid import run_grid
+
+        model_args = {"dtype": args.dtype, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+        try:
+            done = run_grid(args.model, args.tasks, args.methods, args.budgets, args.output_dir, limit=args.limit,
+                            batch_size=args.batch_size, scope=args.scope, progress=not args.no_progress,
+                            model_args=model_args, dry_run=args.dry_run)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.dry_run:
+            print("\n".join(cell.name for cell in done))
+        else:
+            print(Path(args.output_dir, "summary.md").read_text())
+        return 0
     if args.command == "demo":
         if not args.no_timing:
             _with_malloc_tunables(argv)

@@ -1,0 +1,17 @@
+"""vsops_synthetic's hooks (named by vsops_synthetic.yaml): each row's board is drawn again from
+its index, and a sample's record keeps the visual tokens the model kept (vsops.eval.model)."""
+from vsops.eval.model import split_response
+from vsops.eval.synthetic import task_of
+
+
+def doc_to_visual(doc):
+    return [task_of().image(doc["index"])[0]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    answer, record = split_response(results)
+    return {"accuracy": float(answer.strip().lower() == doc["answer"]), "vsops": record}
