@@ -8,6 +8,7 @@ and its answer token into the colour's name, so that the evaluation's answers ar
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -32,10 +33,18 @@ def is_synthetic_model(model_dir) -> bool:
 def task_of(model_dir=None):
     """The :class:`~vsops.training.synthetic.SyntheticTask` ``model_dir`` was trained on (the
     shipped demo model's by default)."""
-    from vsops.demo.model import SHIPPED, shipped_metrics
+    from vsops.demo.model import SHIPPED
+
+    return _task_of(str(Path(SHIPPED if model_dir is None else model_dir).resolve()))
+
+
+@functools.lru_cache(maxsize=None)
+def _task_of(model_dir: str):
+    # Once per directory: a task caches its glyphs, which every board is drawn from.
+    from vsops.demo.model import shipped_metrics
     from vsops.training.synthetic import SyntheticTask
 
-    return SyntheticTask(**shipped_metrics(SHIPPED if model_dir is None else Path(model_dir))["task"])
+    return SyntheticTask(**shipped_metrics(Path(model_dir))["task"])
 
 
 def rows(task, count: int = HELD_OUT_ROWS) -> list[dict]:
