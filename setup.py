@@ -126,7 +126,7 @@ def _extension():
 # can import this file for _cuda_gencode_flags without building anything.
 if __name__ == "__main__":
     setup(
-        # integrations/ is installed as vsops.integrations (the layout of ARCHITECTURE.md).
+        # integrations/ is installed as vsops.integrations.
         packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
         package_dir={"vsops.integrations": "integrations"},
         package_data={"vsops.training": ["configs/*.json"], "vsops.demo": ["model/*.json", "model/*.safetensors", "model/backbone/*.json", "model/backbone/*.safetensors"],

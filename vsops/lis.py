@@ -1,7 +1,7 @@
 """LIS scoring (VisionSelector, Eq. 1-2) without the N x N matrix.
 
 The score of token i of a segment is the mean of its row of ``Q K^T / sqrt(d)``. With no
-softmax in between this collapses exactly (``../ARCHITECTURE.md``, "The math") to
+softmax in between this collapses exactly to
 
     k_bar = W_k v_bar + b_k,   u = W_q^T k_bar / sqrt(d),   c = b_q . k_bar / sqrt(d),
     s_i = x_i . u + c,

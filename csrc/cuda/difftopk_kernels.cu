@@ -29,7 +29,7 @@ struct ToAcc {
 template <typename In>
 using ScoreRow = CachedRow<In, ToAcc<In>>;
 
-// This block's row of the [S, 3] row_state tensor.
+// This block's row of the [S, kRowStateWidth] row_state tensor.
 template <typename T>
 __device__ __forceinline__ T* block_row_state(T* row_state) {
   return row_state + static_cast<int64_t>(blockIdx.x) * difftopk::kRowStateWidth;
