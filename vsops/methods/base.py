@@ -20,6 +20,7 @@ __all__ = [
     "SelectionMethod",
     "ScoringMethod",
     "segments_of",
+    "check_token_rows",
     "check_selected",
 ]
 
@@ -164,6 +165,17 @@ def segments_of(x: torch.Tensor, k, cu_seqlens: torch.Tensor | None) -> tuple[to
         raise ValueError(f"k must have one entry per segment ({lengths.numel()}), got {k.numel()}")
     validation.raise_failed(validation.k_bounds_checks(k, lengths))
     return k.to(x.device), cu_seqlens
+
+
+def check_token_rows(x: torch.Tensor, **tensors: tuple[torch.Tensor, int]) -> None:
+    """The plain functions' per-token inputs checked against the tokens ``x [N, D]``: each
+    keyword ``name=(tensor, dims)`` must be a float tensor of ``dims`` dimensions with ``N``
+    rows, on ``x``'s device (a TypeError naming it otherwise)."""
+    for name, (t, dims) in tensors.items():
+        validation.check_float(t, name, like=("x", x))
+        if t.dim() != dims or t.shape[0] != x.shape[0]:
+            raise TypeError(f"{name} must be a float tensor with {x.shape[0]} rows and {dims} dims, got "
+                            f"shape {tuple(t.shape)}")
 
 
 def check_selected(chosen, method, x: torch.Tensor, k: torch.Tensor, cu: torch.Tensor) -> Selected:

@@ -12,6 +12,7 @@ from vsops.methods.base import (
     Selected,
     SelectionMethod,
     VisionAttention,
+    check_token_rows,
     segments_of,
 )
 from vsops.methods.registry import register_method
@@ -207,8 +208,5 @@ def holov(x: torch.Tensor, k, received: torch.Tensor, *, cu_seqlens: torch.Tenso
     segment (the published LLaVA-1.5 setting is 16); None derives it from ``n`` and ``k``
     (:func:`chunk_counts`)."""
     k, cu_seqlens = segments_of(x, k, cu_seqlens)
-    validation.check_float(received, "received", like=("x", x))
-    if received.dim() != 1 or received.shape[0] != x.shape[0]:
-        raise TypeError(f"received must be a float tensor with {x.shape[0]} rows and 1 dim, got "
-                        f"shape {tuple(received.shape)}")
+    check_token_rows(x, received=(received, 1))
     return _keep(x, received, k, cu_seqlens, HoloVMethod(chunks).chunks)

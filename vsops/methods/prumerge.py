@@ -13,6 +13,7 @@ from vsops.methods.base import (
     SelectionMethod,
     VisionAttention,
     merge_rows,
+    check_token_rows,
     segments_of,
 )
 from vsops.methods.registry import register_method
@@ -201,9 +202,5 @@ def prumerge_plus(
     embeddings at the kept tokens that absorbed others, the tokens' own elsewhere) and int64
     ``merged_into [N]`` (the kept token each merged token joined, -1 elsewhere)."""
     k, cu_seqlens = segments_of(x, k, cu_seqlens)
-    for name, t, dims in (("received", received, 1), ("keys", keys, 2)):
-        validation.check_float(t, name, like=("x", x))
-        if t.dim() != dims or t.shape[0] != x.shape[0]:
-            raise TypeError(f"{name} must be a float tensor with {x.shape[0]} rows and {dims} dims, got "
-                            f"shape {tuple(t.shape)}")
+    check_token_rows(x, received=(received, 1), keys=(keys, 2))
     return PruMergePlusMethod(neighbours).select(x, k, cu_seqlens, vision=VisionAttention(received, keys))
