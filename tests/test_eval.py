@@ -79,7 +79,9 @@ def test_the_summary_holds_each_cells_metrics(first_grid):
         row = next(r for r in rows_ if r["method"] == method and float(r["budget"]) == cell["budget"])
         assert float(row["vsops_synthetic/accuracy"]) == cell["metrics"]["accuracy"]
         assert float(row["relative_to_budget_1"]) == pytest.approx(cell["metrics"]["accuracy"] / full)
-    assert (output / "summary.md").is_file() and (output / "accuracy.png").stat().st_size > 1000
+    for picture in ("accuracy.png", "accuracy_prefill.png"):
+        assert (output / picture).stat().st_size > 1000
+    assert (output / "summary.md").is_file()
 
 
 def test_a_second_run_skips_the_complete_cells(first_grid, monkeypatch):

@@ -131,7 +131,8 @@ def write_summary(output_dir, found: list[dict]) -> list[dict]:
     """``summary.csv`` and ``summary.md``: one row per method x budget, a column per task
     metric, the mean over tasks of each metric relative to budget 1.0's, the kept visual tokens
     and the prefill ms (means over the row's cells); ``accuracy.png`` (each task's first metric
-    against the budget, a line per method) where matplotlib is installed. Returns the rows."""
+    against the budget, a line per method) and ``accuracy_prefill.png`` (against the prefill
+    time) where matplotlib is installed. Returns the rows."""
     output = Path(output_dir)
     full = {(c["task"], metric): value for c in found if c["budget"] == 1.0 for metric, value in c["metrics"].items()}
     columns = sorted({(c["task"], metric) for c in found for metric in c["metrics"]})
@@ -194,4 +195,25 @@ def _plot(output: Path, found: list[dict], columns) -> None:
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
     figure.savefig(output / "accuracy.png", dpi=100)
+    plt.close(figure)
+    _plot_prefill(plt, output, found, columns, tasks)
+
+
+def _plot_prefill(plt, output: Path, found: list[dict], columns, tasks) -> None:
+    """``accuracy_prefill.png``: each task's first metric against the mean prefill ms, a line per
+    method through its budgets and the unpatched model."""
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, layout="constrained")
+    for ax, task in zip(axes[0], tasks):
+        metric = next(metric for t, metric in columns if t == task)
+        mine = [c for c in found if c["task"] == task and c.get("prefill_ms") is not None]
+        full = [(c["prefill_ms"], c["metrics"].get(metric)) for c in mine if c["budget"] == 1.0]
+        for method in sorted({c["method"] for c in mine if c["budget"] < 1.0}):
+            points = sorted([(c["prefill_ms"], c["metrics"].get(metric)) for c in mine
+                             if c["method"] == method and c["budget"] < 1.0] + full)
+            ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=method)
+        ax.set_title(task)
+        ax.set_xlabel("prefill ms (mean per batch)")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    figure.savefig(output / "accuracy_prefill.png", dpi=100)
     plt.close(figure)
