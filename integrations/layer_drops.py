@@ -218,7 +218,8 @@ class PrefillDrops:
         cell = (self.sample.clamp(min=0) * (width + 1) + segments + 1).masked_fill(self.sample < 0, 0)
         counts = torch.zeros(self.samples * (width + 1), dtype=torch.long, device=hidden.device)
         counts.scatter_add_(0, cell.reshape(-1), (self.sample >= 0).long().reshape(-1))
-        counts = counts.view(self.samples, width + 1)[:, 1:].tolist()  # the one host sync of the drop
+        counts = counts.view(self.samples, width + 1).tolist()  # each sample's text, then its segments' tokens
+        text = [row[0] for row in counts]
         drop = self.drops.index(index)
         normed = self.language_model.norm(hidden) if LAYER_HIDDEN in self.method.needs else None
         keep = torch.zeros_like(self.visual)
@@ -232,7 +233,7 @@ class PrefillDrops:
                 key=key[row, :, where].transpose(0, 1),
                 hidden=None if normed is None else normed[row, where],
             )
-            k = [self.method.kept(n, self.budget, len(self.language_model.layers), drop) for n in counts[sample]]
+            k = [self.method.kept(n, self.budget, len(self.language_model.layers), drop) for n in counts[sample][1:]]
             chosen = self.method.keep(state, k)
             if chosen.dtype != torch.bool or chosen.shape != state.visual.shape or not bool(
                     (chosen | state.visual).all()):
@@ -253,8 +254,7 @@ class PrefillDrops:
         self.stage_tokens.append((index, sum(lengths)))
         hidden, slot, self.sample, self.origin, self.slots, visual, self.segment = tensors
         self.visual = visual.bool()
-        self.kept_visual = [int(n) for n in torch.zeros(self.samples, dtype=torch.long, device=keep.device).index_add_(
-            0, self.sample[self.visual], torch.ones_like(self.sample[self.visual])).tolist()]
+        self.kept_visual = [n - t for n, t in zip(lengths, text)]  # every text token is kept
         cos_sin = kwargs["position_embeddings"]
         self.overrides = {"position_embeddings": tuple(_gather_tokens(t, slot) for t in cos_sin), "position_ids": None}
         if self.cu_seqlens is not None:

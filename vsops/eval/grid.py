@@ -181,39 +181,27 @@ def _plot(output: Path, found: list[dict], columns) -> None:
     except ImportError:
         return
     tasks = sorted({task for task, _ in columns})
+    _plot_against(plt, output / "accuracy.png", found, columns, tasks, lambda c: c["budget"],
+                  "budget (fraction of visual tokens kept)")
+    _plot_against(plt, output / "accuracy_prefill.png", found, columns, tasks, lambda c: c.get("prefill_ms"),
+                  "prefill ms (mean per batch)")
+
+
+def _plot_against(plt, path: Path, found: list[dict], columns, tasks, x_of, xlabel: str) -> None:
+    """Each task's first metric against ``x_of(cell)`` (cells where it is None left out), a
+    line per method through its budgets and the unpatched model's cell."""
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
         metric = next(metric for t, metric in columns if t == task)
-        full = [c["metrics"].get(metric) for c in found if c["task"] == task and c["budget"] == 1.0]
-        for method in sorted({c["method"] for c in found if c["budget"] < 1.0}):
-            points = sorted((c["budget"], c["metrics"].get(metric)) for c in found
-                            if c["task"] == task and c["method"] == method and c["budget"] < 1.0)
-            points += [(1.0, full[0])] if full else []
-            ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=method)
-        ax.set_title(task)
-        ax.set_xlabel("budget (fraction of visual tokens kept)")
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=8)
-    figure.savefig(output / "accuracy.png", dpi=100)
-    plt.close(figure)
-    _plot_prefill(plt, output, found, columns, tasks)
-
-
-def _plot_prefill(plt, output: Path, found: list[dict], columns, tasks) -> None:
-    """``accuracy_prefill.png``: each task's first metric against the mean prefill ms, a line per
-    method through its budgets and the unpatched model."""
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks):
-        metric = next(metric for t, metric in columns if t == task)
-        mine = [c for c in found if c["task"] == task and c.get("prefill_ms") is not None]
-        full = [(c["prefill_ms"], c["metrics"].get(metric)) for c in mine if c["budget"] == 1.0]
-        for method in sorted({c["method"] for c in mine if c["budget"] < 1.0}):
-            points = sorted([(c["prefill_ms"], c["metrics"].get(metric)) for c in mine
+        mine = [c for c in found if c["task"] == task and x_of(c) is not None]
+        full = [(x_of(c), c["metrics"].get(metric)) for c in mine if c["budget"] == 1.0]
+        for method in sorted({c["method"] for c in found if c["budget"] < 1.0 and x_of(c) is not None}):
+            points = sorted([(x_of(c), c["metrics"].get(metric)) for c in mine
                              if c["method"] == method and c["budget"] < 1.0] + full)
-            ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=method)
+            ax.plot([x for x, _ in points], [v for _, v in points], marker="o", label=method)
         ax.set_title(task)
-        ax.set_xlabel("prefill ms (mean per batch)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
-    figure.savefig(output / "accuracy_prefill.png", dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -14,7 +14,7 @@ from vsops.methods.base import Selected, SelectionMethod
 from vsops.methods.dart import dart
 from vsops.methods.fastv import ROWS, causal_attention_received
 from vsops.methods.pdrop import pdrop_layers, pdrop_ratio
-from vsops.methods.registry import register_method
+from vsops.methods.registry import available, make_method, register_method
 from vsops.methods.sequence import top_indices
 from vsops.ops import validation
 
@@ -238,15 +238,13 @@ class Stages(SelectionMethod):
     name = "stages"
 
     def __init__(self, vision, vision_budget: float, language):
-        from vsops.methods.registry import make_method
-
         self.vision = vision if vision == "visionselector" else make_method(vision)
         if isinstance(self.vision, LayerMethod):
             raise ValueError(f"vision must be a method of the vision stage, got the in-LM {self.vision.name!r}")
         self.vision_budget = check_budget(vision_budget, "vision_budget")
         self.language = make_method(language)
         if not isinstance(self.language, LayerMethod):
-            raise ValueError(f"language must be a method inside the language model ({_layer_names()}), got "
+            raise ValueError(f"language must be a method inside the language model ({available('language')}), got "
                              f"{getattr(self.language, 'name', self.language)!r}")
 
     @property
@@ -259,8 +257,3 @@ class Stages(SelectionMethod):
     def __repr__(self) -> str:
         return f"Stages({self.vision!r}, {self.vision_budget}, {self.language!r})"
 
-
-def _layer_names() -> list[str]:
-    from vsops.methods.registry import available
-
-    return available("language")
