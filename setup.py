@@ -129,8 +129,12 @@ if __name__ == "__main__":
         # integrations/ is installed as vsops.integrations.
         packages=find_packages(include=["vsops", "vsops.*"]) + ["vsops.integrations", "vsops.integrations.testing"],
         package_dir={"vsops.integrations": "integrations"},
-        package_data={"vsops.training": ["configs/*.json"], "vsops.demo": ["model/*.json", "model/*.safetensors", "model/backbone/*.json", "model/backbone/*.safetensors"],
-                      "vsops.eval": ["tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/data/*.jsonl"]},
+        package_data={
+            "vsops.training": ["configs/*.json"],
+            "vsops.demo": [f"{model}/{files}" for model in ("model", "model/backbone", "model_marked", "model_marked/backbone")
+                           for files in ("*.json", "*.safetensors")],
+            "vsops.eval": ["tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/data/*.jsonl"],
+        },
         ext_modules=[_extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )

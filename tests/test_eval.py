@@ -1,6 +1,6 @@
 """Evaluation through lmms-eval (vsops.eval): lmms-eval's own CLI runs the ``vsops`` model on
 ``vsops_synthetic`` with the shipped demo model; ``vsops eval`` runs a grid whose accuracies are
-the demo's on the same boards, resumes without running a complete cell again, and summarizes
+the demo's on the same boards (both synthetic variants, each with its shipped model), resumes without running a complete cell again, and summarizes
 its cells; bad arguments are clear errors."""
 import json
 import os
@@ -14,12 +14,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("lmms_eval")
 
 from vsops.budget import budget_to_k  # noqa: E402
-from vsops.demo.model import SHIPPED  # noqa: E402
+from vsops.demo.model import SHIPPED, SHIPPED_MODELS  # noqa: E402
 from vsops.eval import grid  # noqa: E402
 from vsops.eval.synthetic import rows, task_of  # noqa: E402
 
 OFFLINE = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 LIMIT = 32
+# Each shipped synthetic model with the lmms-eval task of its variant.
+SYNTHETIC_TASKS = {"synthetic": "vsops_synthetic", "synthetic-marked": "vsops_synthetic_marked"}
 
 
 def test_lmms_eval_runs_the_vsops_model_on_the_synthetic_task(tmp_path):
@@ -39,12 +41,13 @@ def test_lmms_eval_runs_the_vsops_model_on_the_synthetic_task(tmp_path):
         assert sample["vsops"]["prefill_ms"] > 0
 
 
-@pytest.fixture(scope="module")
-def first_grid(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(SYNTHETIC_TASKS))
+def first_grid(request, tmp_path_factory):
+    """``(output, cells, variant)`` of a grid on one variant's task with its shipped model."""
     output = tmp_path_factory.mktemp("grid")
-    found = grid.run_grid(str(SHIPPED), ["vsops_synthetic"], ["visionselector", "divprune"], [0.1, 1.0], output,
-                          limit=LIMIT, batch_size=16, progress=False)
-    return output, found
+    found = grid.run_grid(str(SHIPPED_MODELS[request.param]), [SYNTHETIC_TASKS[request.param]],
+                          ["visionselector", "divprune"], [0.1, 1.0], output, limit=LIMIT, batch_size=16, progress=False)
+    return output, found, request.param
 
 
 def test_the_grid_gives_the_demos_accuracy_on_the_same_boards(first_grid):
@@ -52,10 +55,10 @@ def test_the_grid_gives_the_demos_accuracy_on_the_same_boards(first_grid):
     from vsops.training.evaluate import answer_metrics
     from vsops.training.run import HELD_OUT_INDEX
 
-    output, found = first_grid
+    output, found, variant = first_grid
     assert sorted(c["method"] + str(c["budget"]) for c in found) == ["divprune0.1", "visionselector0.1",
                                                                      "visionselector1.0"]
-    task, model = task_of(), load()
+    task, model = task_of(SHIPPED_MODELS[variant]), load(SHIPPED_MODELS[variant])
     examples = [task[HELD_OUT_INDEX + i] for i in range(LIMIT)]
     for cell in found:
         with model.visionselector.using(method=cell["method"]):
@@ -63,21 +66,22 @@ def test_the_grid_gives_the_demos_accuracy_on_the_same_boards(first_grid):
         assert cell["metrics"]["accuracy"] == demo["accuracy"], cell
         assert cell["samples"] == LIMIT
         assert cell["kept_visual_tokens"] == (36 if cell["budget"] == 1.0 else budget_to_k(36, cell["budget"]))
-        directory = output / grid.Cell(cell["task"], str(SHIPPED), cell["method"], cell["budget"]).name
+        directory = output / grid.Cell(cell["task"], str(SHIPPED_MODELS[variant]), cell["method"], cell["budget"]).name
         assert json.loads((directory / grid.CONFIG_FILE).read_text())["limit"] == LIMIT
         assert sum(1 for _ in (directory / grid.SAMPLES_FILE).open()) == LIMIT
 
 
 def test_the_summary_holds_each_cells_metrics(first_grid):
-    output, found = first_grid
+    output, found, variant = first_grid
+    column = f"{SYNTHETIC_TASKS[variant]}/accuracy"
     lines = (output / "summary.csv").read_text().splitlines()
     header, rows_ = lines[0].split(","), [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
-    assert header[:3] == ["method", "budget", "vsops_synthetic/accuracy"]
+    assert header[:3] == ["method", "budget", column]
     full = next(c for c in found if c["budget"] == 1.0)["metrics"]["accuracy"]
     for cell in found:
         method = "unpatched" if cell["budget"] == 1.0 else cell["method"]
         row = next(r for r in rows_ if r["method"] == method and float(r["budget"]) == cell["budget"])
-        assert float(row["vsops_synthetic/accuracy"]) == cell["metrics"]["accuracy"]
+        assert float(row[column]) == cell["metrics"]["accuracy"]
         assert float(row["relative_to_budget_1"]) == pytest.approx(cell["metrics"]["accuracy"] / full)
     for picture in ("accuracy.png", "accuracy_prefill.png"):
         assert (output / picture).stat().st_size > 1000
@@ -87,14 +91,14 @@ def test_the_summary_holds_each_cells_metrics(first_grid):
 def test_a_second_run_skips_the_complete_cells(first_grid, monkeypatch):
     import lmms_eval.evaluator
 
-    output, found = first_grid
+    output, found, variant = first_grid
 
     def fail(**kwargs):
         raise AssertionError("a complete cell ran again")
 
     monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", fail)
-    again = grid.run_grid(str(SHIPPED), ["vsops_synthetic"], ["visionselector", "divprune"], [0.1, 1.0], output,
-                          limit=LIMIT, batch_size=16, progress=False)
+    again = grid.run_grid(str(SHIPPED_MODELS[variant]), [SYNTHETIC_TASKS[variant]], ["visionselector", "divprune"],
+                          [0.1, 1.0], output, limit=LIMIT, batch_size=16, progress=False)
     assert again == found
 
 
@@ -119,9 +123,10 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
 
 
-def test_the_shipped_rows_are_the_demos_held_out_boards():
-    shipped = Path(grid.__file__).parent / "tasks" / "vsops_synthetic" / "data" / "test.jsonl"
-    assert [json.loads(line) for line in shipped.open()] == rows(task_of())
+@pytest.mark.parametrize("variant, data", [("synthetic", "test.jsonl"), ("synthetic-marked", "test_marked.jsonl")])
+def test_the_shipped_rows_are_the_demos_held_out_boards(variant, data):
+    shipped = Path(grid.__file__).parent / "tasks" / "vsops_synthetic" / "data" / data
+    assert [json.loads(line) for line in shipped.open()] == rows(task_of(SHIPPED_MODELS[variant]))
 
 
 def test_the_documented_commands_dry_run(tmp_path, capsys):

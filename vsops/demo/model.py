@@ -1,6 +1,6 @@
-"""The demo's model: the tiny Qwen2.5-VL backbone and trained scorer shipped with the package
-(made by ``vsops train --task synthetic`` with its defaults, in ``vsops/demo/model/``), or the
-same trained again from scratch."""
+"""The demo's models: per synthetic task, the tiny Qwen2.5-VL backbone and trained scorer
+shipped with the package (made by ``vsops train --task NAME`` with its defaults, in
+``vsops/demo/model/`` and ``vsops/demo/model_marked/``), or the same trained again from scratch."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 
-__all__ = ["SHIPPED", "load", "retrain", "shipped_metrics"]
+__all__ = ["SHIPPED", "SHIPPED_MODELS", "load", "retrain", "shipped_metrics"]
 
-SHIPPED = Path(__file__).parent / "model"
+# Each named task of ``vsops train`` (vsops.training.synthetic.NAMED_TASKS) with its shipped model.
+SHIPPED_MODELS = {"synthetic": Path(__file__).parent / "model", "synthetic-marked": Path(__file__).parent / "model_marked"}
+SHIPPED = SHIPPED_MODELS["synthetic"]
 
 
 def shipped_metrics(model_dir: Path = SHIPPED) -> dict:
@@ -36,14 +38,14 @@ def load(model_dir: Path = SHIPPED, device="cpu"):
     return model.eval()
 
 
-def retrain(output_dir: Path, *, progress: bool = True) -> Path:
+def retrain(output_dir: Path, *, task: str = "synthetic", progress: bool = True) -> Path:
     """Trains the backbone and the scorer from scratch into ``output_dir`` with the code and
-    defaults of ``vsops train --task synthetic`` (its own evaluation left to the demo); returns
-    the directory, laid out as :data:`SHIPPED`."""
+    defaults of ``vsops train --task TASK`` (its own evaluation left to the demo); returns the
+    directory, laid out as :data:`SHIPPED`."""
     from vsops.training.run import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    argv = ["--task", "synthetic", "--output-dir", str(output_dir), "--eval-examples", "0", "--device", "cpu"]
+    argv = ["--task", task, "--output-dir", str(output_dir), "--eval-examples", "0", "--device", "cpu"]
     run(parser.parse_args(argv + ([] if progress else ["--no-progress"])))
     return Path(output_dir)

@@ -54,7 +54,7 @@ def _show_cells(ax, image, grid, keep=None, target=None):
     ax.set_yticks([])
 
 
-def selection_figure(boards, methods, budgets):
+def selection_figure(boards, methods, budgets, title="Synthetic task"):
     """Per board: the image and the learned scorer's heat map, then one row per method with
     the kept cells at each budget (a check or cross: the answer)."""
     columns = 2 + len(budgets)
@@ -82,11 +82,12 @@ def selection_figure(boards, methods, budgets):
                 ax.set_title(f"{budget:.0%} kept: {mark}", fontsize=8)
                 if j == 0:
                     ax.set_ylabel(method, fontsize=9)
-    figure.suptitle("Kept visual tokens per method and budget (red: the cell the question asks about)", fontsize=11)
+    figure.suptitle(f"{title}: kept visual tokens per method and budget (red: the cell the question asks about)",
+                    fontsize=11)
     return figure
 
 
-def accuracy_figure(accuracy, target_kept, budgets):
+def accuracy_figure(accuracy, target_kept, budgets, title="Synthetic task"):
     """Answer accuracy and target-kept rate against the budget, one line per method; the
     full-token accuracy as a reference line."""
     figure, (left, right) = plt.subplots(1, 2, figsize=ACCURACY_SIZE, layout="constrained")
@@ -101,7 +102,7 @@ def accuracy_figure(accuracy, target_kept, budgets):
     for ax in (left, right):
         ax.set_xticks(budgets)
         ax.grid(alpha=0.3)
-    figure.suptitle("Synthetic task, held-out boards")
+    figure.suptitle(f"{title}, held-out boards")
     return figure
 
 

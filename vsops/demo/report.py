@@ -39,11 +39,13 @@ def _percent(value) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _accuracy_table(results) -> list[str]:
-    budgets = results["settings"]["budgets"] + [1.0]
+def _accuracy_table(task: dict, budgets: list[float]) -> list[str]:
+    """One task's accuracy per method and budget (``results["tasks"][name]``), the target-kept
+    rate in brackets."""
+    budgets = budgets + [1.0]
     lines = ["| method | " + " | ".join(f"{b:.0%} kept" for b in budgets) + " |", "|" + "---|" * (1 + len(budgets))]
-    for method, by_budget in results["accuracy"].items():
-        kept = results["target_kept"][method]
+    for method, by_budget in task["accuracy"].items():
+        kept = task["target_kept"][method]
         cells = [f"{_percent(by_budget[str(b)])} ({_percent(kept[str(b)])})" for b in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
@@ -53,7 +55,7 @@ def _inside_note(results) -> list[str]:
     """What the rows of methods inside the language model mean, when there are some."""
     from vsops.methods import available
 
-    inside = [name for name in results["accuracy"] if name in available("language")]
+    inside = [name for name in next(iter(results["tasks"].values()))["accuracy"] if name in available("language")]
     if not inside:
         return []
     left_out = sorted(set(available("language")) - set(inside))
@@ -68,27 +70,24 @@ def _inside_note(results) -> list[str]:
 
 
 def write_report(path, results: dict) -> None:
+    from vsops.demo import TASK_FILES
+
     s = results["settings"]
     lines = [
         "# vsops demo",
         "",
-        f"Synthetic task ({s['eval_examples']} held-out boards of {s['grid']}x{s['grid']} cells, one visual token each), "
-        f"model {results['model']['source']}; made in {results['seconds']['total']:.0f} s.",
+        f"{len(results['tasks'])} synthetic tasks, {s['eval_examples']} held-out boards each, one visual token per "
+        f"cell; models {_sources(results)}; made in {results['seconds']['total']:.0f} s. Answer accuracy per method "
+        "and budget, and in brackets how often the asked target's token was kept.",
         "",
-        "## Which tokens each method keeps",
-        "",
-        "![selection](selection.png)",
-        "",
-        "## Accuracy",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        "Answer accuracy, and in brackets how often the asked target's token was kept:",
-        "",
-        *_accuracy_table(results),
-        "",
-        *_inside_note(results),
     ]
+    for name, task in results["tasks"].items():
+        files = TASK_FILES[name]
+        grid = task["task"]["grid"]
+        lines += [f"## {files.title} (`{name}`, {grid}x{grid} cells)", "", files.shows, "",
+                  f"![selection]({files.selection})", "", f"![accuracy]({files.accuracy})", "",
+                  *_accuracy_table(task, s["budgets"]), ""]
+    lines += _inside_note(results)
     if "prefill" in results:
         p = results["prefill"]
         lines += ["## Prefill", "", "![prefill](prefill.png)", "",
@@ -119,10 +118,17 @@ def write_report(path, results: dict) -> None:
         f.write("\n".join(lines))
 
 
+def _sources(results) -> str:
+    return " and ".join(sorted({task["model"]["source"] for task in results["tasks"].values()}))
+
+
 def summary(results: dict, output_dir, file=sys.stdout) -> None:
-    print("\nAccuracy on held-out boards (target kept):", file=file)
-    for line in _accuracy_table(results):
-        print("  " + line, file=file)
+    from vsops.demo import TASK_FILES
+
+    for name, task in results["tasks"].items():
+        print(f"\n{TASK_FILES[name].title} (`{name}`): accuracy on held-out boards (target kept):", file=file)
+        for line in _accuracy_table(task, results["settings"]["budgets"]):
+            print("  " + line, file=file)
     if "prefill" in results:
         rows = results["prefill"]["rows"]
         speedups = ", ".join(f"{r['budget']:.0%}: {rows[0]['ms'] / r['ms']:.2f}x" for r in rows[2:])

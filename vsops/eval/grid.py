@@ -75,8 +75,8 @@ def run_grid(model: str, tasks: list[str], methods: list[str], budgets: list[flo
     manager = TaskManager()
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lmms-eval tasks {unknown} (vsops ships vsops_synthetic; `lmms-eval tasks` lists "
-                         "the others)")
+        raise ValueError(f"unknown lmms-eval tasks {unknown} (vsops ships vsops_synthetic and "
+                         "vsops_synthetic_marked; `lmms-eval tasks` lists the others)")
     todo = [cell for cell in grid if not (output / cell.name / METRICS_FILE).is_file()]
     if dry_run:
         return todo

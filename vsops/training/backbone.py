@@ -16,17 +16,22 @@ __all__ = ["fit_backbone"]
 
 def fit_backbone(
     model: nn.Module, dataset, *, steps: int, batch_size: int = 32, lr: float = 1.5e-3, progress: bool = True,
-    first_index: int = 0,
+    first_index: int = 0, freeze_vision: bool = False,
 ) -> list[float]:
-    """Trains every parameter of an unpatched ``model`` on ``dataset[first_index:]`` (answer
-    tokens' cross-entropy, all visual tokens, AdamW with cosine decay), in place.
+    """Trains the parameters of an unpatched ``model`` on ``dataset[first_index:]`` (answer
+    tokens' cross-entropy, all visual tokens, AdamW with cosine decay), in place: all of them, or
+    with ``freeze_vision`` all but the vision tower's (``model.model.visual``, merger included),
+    which stays as it is.
 
     Returns the loss of each step.
     """
     if getattr(model, "visionselector", None) is not None:
         raise ValueError("fit the backbone before patching it: a patched model in training mode scales its tokens")
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     bar = progress_bar(progress, steps, "backbone")
     model.train()
@@ -39,7 +44,7 @@ def fit_backbone(
         logits = model(**batch, use_cache=False).logits
         loss = next_token_cross_entropy(logits, labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

@@ -5,9 +5,10 @@
     vsops train --data train.jsonl --eval-data val.jsonl --model /path/to/Qwen2.5-VL-7B-Instruct \\
         --budget 0.2 --steps 2900 --batch-size 256 --micro-batch-size 16 --lr 5e-5 --output-dir runs/7b
 
-The synthetic task first fits a tiny Qwen2.5-VL on the task with every visual token (saved in
-``output-dir/backbone`` and reused by later runs into the same directory), freezes it, then
-trains the scorer and evaluates the held-out accuracy at budgets 0.1, 0.2, 0.3 and 1.0 for the
+A synthetic task (``--task synthetic``, or its marked variant ``synthetic-marked``: see
+:data:`~vsops.training.synthetic.NAMED_TASKS`) first fits a tiny Qwen2.5-VL on the task with
+every visual token (saved in ``output-dir/backbone`` and reused by later runs into the same
+directory), freezes it, then trains the scorer and evaluates the held-out accuracy at budgets 0.1, 0.2, 0.3 and 1.0 for the
 trained scorer and for every training-free method of :mod:`vsops.methods` (``--eval-methods``).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 import torch
 
 from vsops.training.loop import PRECISIONS, TrainConfig, train
+from vsops.training.synthetic import NAMED_TASKS
 
 __all__ = ["add_arguments", "run", "SYNTHETIC_DEFAULTS"]
 
@@ -36,7 +38,7 @@ BACKBONE_STEPS, BACKBONE_BATCH, BACKBONE_LR = 1000, 32, 1e-3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--task", choices=["synthetic"], help="train on the built-in synthetic task")
+    data.add_argument("--task", choices=sorted(NAMED_TASKS), help="train on a built-in synthetic task")
     data.add_argument("--data", metavar="FILE.jsonl", help="training conversations (Cambrian/LLaVA JSONL)")
     parser.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out conversations (with --data)")
     parser.add_argument("--image-root", help="directory the JSONL image paths are relative to")
@@ -106,7 +108,7 @@ def run(args) -> dict:
         raise ValueError("--data needs --model, the checkpoint whose scorer is trained")
     topology = init_topology(args.device)
     began = time.perf_counter()
-    if args.task == "synthetic":
+    if args.task is not None:
         metrics = _run_synthetic(args, topology)
     else:
         metrics = _run_jsonl(args, topology)
@@ -123,9 +125,9 @@ def _run_synthetic(args, topology) -> dict:
     from vsops.integrations import apply_visionselector_to_qwen2_5_vl
     from vsops.integrations.testing import tiny_qwen2_5_vl_config
     from vsops.training.evaluate import answer_tables
-    from vsops.training.synthetic import SyntheticTask
 
-    task = SyntheticTask(seed=args.seed)
+    named = NAMED_TASKS[args.task]
+    task = named.task(args.seed)
     config = _train_config(args, SYNTHETIC_DEFAULTS)
     seconds = {}
     backbone_dir = os.path.join(args.output_dir, "backbone")
@@ -136,10 +138,12 @@ def _run_synthetic(args, topology) -> dict:
         torch.manual_seed(args.seed)
         model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config())
         start = time.perf_counter()
-        fitted = {"steps": args.backbone_steps, "lr": args.backbone_lr}
+        fitted = {"steps": args.backbone_steps, "lr": args.backbone_lr,
+                  "vision_tower": "as initialized" if named.freeze_vision else "fitted"}
         if args.backbone_steps:  # 0: a random backbone (tests of the loop's mechanics)
             losses = fit_backbone(model, task, steps=args.backbone_steps, batch_size=BACKBONE_BATCH, lr=args.backbone_lr,
-                                  progress=not args.no_progress, first_index=BACKBONE_INDEX)
+                                  progress=not args.no_progress, first_index=BACKBONE_INDEX,
+                                  freeze_vision=named.freeze_vision)
             fitted["final_loss"] = sum(losses[-20:]) / len(losses[-20:])
         seconds["backbone"] = time.perf_counter() - start
         model.save_pretrained(backbone_dir)
