@@ -42,9 +42,9 @@ export LD_PRELOAD ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:prin
 python -c "import sys, vsops._C as c; sys.exit(not c.__file__.startswith('$work'))"
 
 if [[ $# -eq 0 ]]; then
-  set -- -k "not triton and not gradcheck" tests/test_difftopk.py tests/test_lis.py tests/test_varlen.py \
-    tests/test_divprune_op.py tests/test_attention_received_op.py tests/test_op_registration.py \
-    tests/test_methods.py
+  set -- -k "not triton and not gradcheck" tests/ops/test_difftopk.py tests/ops/test_lis.py \
+    tests/ops/test_varlen.py tests/ops/test_divprune_op.py tests/ops/test_attention_received_op.py \
+    tests/ops/test_op_registration.py tests/methods/test_methods.py
 fi
 start=$SECONDS
 # --capture=sys: a report is written to file descriptor 2 by a process about to exit, which

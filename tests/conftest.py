@@ -11,9 +11,13 @@ import pytest  # noqa: E402
 
 from vsops import backends  # noqa: E402
 
+# The benchmarks run only when named: untimed on CPU they take longer than the rest of the suite.
+# `python -m pytest -q tests/bench --benchmark-disable` runs each once, `--benchmark-only` times them.
+collect_ignore = ["bench"]
+
 try:
     from hypothesis import settings
-except ImportError:  # only tests/test_properties.py needs it (the "test" extra installs it)
+except ImportError:  # only tests/ops/test_properties.py needs it (the "test" extra installs it)
     pass
 else:
     # Deterministic in CI (the same examples every run, no example database), and quick.

@@ -129,9 +129,9 @@ SETUPS = [
         lm_positions=lambda rows: rows,
         decode_positions=lambda model, longer, token: None,
         # One image per call: the published RICE tower misreads every image after the first of
-        # a call (tests/test_llava_ov_1_5_model.py), so a batch with two images differs from
-        # its samples alone in the unpatched model too. Sample 0 goes from 25 tokens to 13,
-        # below sample 1's 16: the pruned cache's padding differs from the caller's.
+        # a call (tests/integrations/test_llava_ov_1_5_model.py), so a batch with two images
+        # differs from its samples alone in the unpatched model too. Sample 0 goes from 25 tokens
+        # to 13, below sample 1's 16: the pruned cache's padding differs from the caller's.
         generate_prompts=[[3, ("image", 8, 8), 4], [14]],
         skip=unavailable_reason(),
     ),

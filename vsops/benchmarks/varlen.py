@@ -1,4 +1,4 @@
-"""Select-and-pack benchmark, shared by ``benchmarks/test_bench_varlen.py`` and ``vsops bench
+"""Select-and-pack benchmark, shared by ``tests/bench/test_bench_varlen.py`` and ``vsops bench
 --op varlen``: vsops (``select_visual_tokens`` + ``select_and_pack``) on a batch of B = 8
 prompts of L = 4096 tokens, 20% of the visual tokens kept, embeddings and 3-D rope position
 ids packed, against three PyTorch routes (``ROUTES``), all tested to pack the same thing:

@@ -70,7 +70,7 @@ def test_the_compiled_kernels_run_on_this_gpu():
 
 
 def _setup_module():
-    path = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "setup.py"
     spec = importlib.util.spec_from_file_location("vsops_setup", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # builds nothing when imported

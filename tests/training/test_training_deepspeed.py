@@ -19,7 +19,7 @@ from torch import nn
 
 from vsops.training.deepspeed_engine import resolve_deepspeed_config
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "vsops", "training", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "vsops", "training", "configs")
 STAGES = (1, 2, 3)
 BATCH, STEPS, MICRO = 8, 3, 2
 ENGINE = dict(lr=0.05, weight_decay=0.1, max_grad_norm=0.5, fp16=False)

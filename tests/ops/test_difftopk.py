@@ -334,7 +334,8 @@ def test_topk_mask_agrees_with_torch_topk():
 def test_million_element_row(backend):
     name, device = backend
     if name == "triton" and device.type == "cpu":
-        pytest.skip("too slow under the Triton interpreter; tests/test_triton_kernels.py covers its multi-pass path")
+        pytest.skip("too slow under the Triton interpreter; "
+                    "tests/ops/test_triton_kernels.py covers its multi-pass path")
     n = 1 << 20
     s = torch.randn(1, n, generator=torch.Generator().manual_seed(11)).to(device)
     k = budget = vsops.budget_to_k(n, 0.2)

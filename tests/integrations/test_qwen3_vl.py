@@ -1,6 +1,6 @@
-"""Qwen3-VL beyond the contract suite (tests/test_integration_contracts.py runs every contract
-on it and on Qwen3-VL-MoE, the deepstack features included): a checkpoint whose deepstack
-mergers do not fit its config is refused before the load.
+"""Qwen3-VL beyond the contract suite (tests/integrations/test_integration_contracts.py runs
+every contract on it and on Qwen3-VL-MoE, the deepstack features included): a checkpoint whose
+deepstack mergers do not fit its config is refused before the load.
 
 CI runs this file under the current transformers 5.x and the last 4.x line (4.57).
 """

@@ -1,6 +1,6 @@
 """DiffTopK microbenchmarks (pytest-benchmark) against the paper's Algorithm 1 in PyTorch.
 
-    python -m pytest benchmarks/test_bench_difftopk.py --benchmark-only
+    python -m pytest tests/bench/test_bench_difftopk.py --benchmark-only
 
 Each benchmark also times Algorithm 1 and a device copy in the same run and records, in
 ``extra_info``, the speedup over Algorithm 1 and the share of the memory-bandwidth bound.

@@ -46,13 +46,6 @@ PROMPTS = [
 SCORER_KEYS = {f"{p}.{w}" for p in ("q_proj", "k_proj") for w in ("weight", "bias")}
 
 
-@pytest.fixture(params=SETUPS, ids=[s.name for s in SETUPS])
-def setup(request):
-    if request.param.skip:
-        pytest.skip(request.param.skip)
-    return request.param
-
-
 def scorer_of(model):
     return model.model.visual.importance_scorer
 

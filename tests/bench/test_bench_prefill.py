@@ -3,7 +3,7 @@ Qwen3.5 (5.x), their MoE variants and LLaVA-OneVision-1.5 of the same sizes (the
 transformers 4.x, with lmms-engine's model code) on one prompt of 2,024 visual and 60 text tokens, unpatched and with
 VisionSelector at each budget.
 
-    python -m pytest benchmarks/test_bench_prefill.py --benchmark-only
+    python -m pytest tests/bench/test_bench_prefill.py --benchmark-only
 
 ``extra_info`` records the kept tokens, the speedup over the unpatched prefill (timed in the
 same run), the ideal L / L', the selector's time and share of the prefill, and the peak memory

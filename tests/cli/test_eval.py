@@ -136,7 +136,7 @@ def test_the_documented_commands_dry_run(tmp_path, capsys):
     from vsops.cli import main
     from vsops.eval.model import VsopsModel
 
-    text = (Path(__file__).parent.parent / "docs" / "eval.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "eval.md").read_text()
     grids = [shlex.split(line) for line in text.splitlines() if line.startswith("vsops eval ")]
     assert len(grids) == 3
     for argv in grids:

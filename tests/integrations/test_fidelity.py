@@ -21,13 +21,6 @@ from model_setups import SETUPS  # noqa: E402
 PROMPTS = [[3, ("image", 8, 8), 4], [2, ("image", 4, 8), 5], [9]]
 
 
-@pytest.fixture(params=SETUPS, ids=[s.name for s in SETUPS])
-def setup(request):
-    if request.param.skip:
-        pytest.skip(request.param.skip)
-    return request.param
-
-
 def patched(model, budget, **settings):
     out = copy.deepcopy(model)
     apply_visionselector(out, budget=budget, **settings)
@@ -393,8 +386,8 @@ def test_images_in_a_later_turn_are_selected_as_in_one_prefill(setup):
     # Turn 1: text and an image; turn 2, on turn 1's pruned cache: text and another image. With a
     # budget per image, the cache then holds what one prefill of both turns keeps.
     if setup.name == "llava_ov_1_5":
-        pytest.skip("LLaVA-OV-1.5's tower misreads the second image of a call (tests/test_llava_ov_1_5_model.py): "
-                    "one prefill of both turns is no oracle for it")
+        pytest.skip("LLaVA-OV-1.5's tower misreads the second image of a call "
+                    "(tests/integrations/test_llava_ov_1_5_model.py): one prefill of both turns is no oracle for it")
     model = setup.make_model()
     pmodel = patched(model, 0.5, scope="image")
     whole = setup.make_batch([[3, ("image", 8, 8), 4, ("image", 4, 8), 5]])

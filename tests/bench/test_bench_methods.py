@@ -4,7 +4,7 @@ received against the attention weights formed whole with its two-product bound, 
 FastV and PyramidDrop read in a language-model layer against the causal weights formed whole,
 and every vision-stage method's selection time per image, at D = 3584, budget 0.1.
 
-    python -m pytest benchmarks/test_bench_methods.py --benchmark-only
+    python -m pytest tests/bench/test_bench_methods.py --benchmark-only
 
 ``vsops bench --op methods`` prints the same measurements as tables (DivPrune also at N = 16384).
 """

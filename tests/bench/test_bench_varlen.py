@@ -1,6 +1,6 @@
 """Select + pack microbenchmarks (pytest-benchmark) against the PyTorch routes it replaces.
 
-    python -m pytest benchmarks/test_bench_varlen.py --benchmark-only
+    python -m pytest tests/bench/test_bench_varlen.py --benchmark-only
 
 ``extra_info`` records the speedups over each PyTorch route (``bench_varlen.ROUTES``), the
 pack's GB/s and its share of the copy bandwidth measured in the same run.

@@ -1,7 +1,7 @@
 """LIS scoring microbenchmarks (pytest-benchmark) against Eq. 2 with the N x N matrix (a) and
 the ``Q . mean(K)`` form (b), both in PyTorch, at D = 3584, d = 1792.
 
-    python -m pytest benchmarks/test_bench_lis.py --benchmark-only
+    python -m pytest tests/bench/test_bench_lis.py --benchmark-only
 
 Each benchmark also times the baselines and a device copy in the same run and records, in
 ``extra_info``, the speedups and the share of the memory-bandwidth bound. ``vsops bench --op

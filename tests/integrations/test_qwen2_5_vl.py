@@ -1,6 +1,6 @@
-"""Qwen2.5-VL beyond the contract suite (tests/test_integration_contracts.py runs every contract
-on it, the class patch included): the published checkpoints' key layout read by transformers'
-own from_pretrained.
+"""Qwen2.5-VL beyond the contract suite (tests/integrations/test_integration_contracts.py runs
+every contract on it, the class patch included): the published checkpoints' key layout read by
+transformers' own from_pretrained.
 
 CI runs this file under the current transformers 5.x and the last 4.x line (4.57).
 """

@@ -85,7 +85,7 @@ def _cpp_schemas() -> dict[str, str]:
     import pathlib
     import re
 
-    source = (pathlib.Path(__file__).parents[1] / "python_bindings" / "ops.cpp").read_text()
+    source = (pathlib.Path(__file__).parents[2] / "python_bindings" / "ops.cpp").read_text()
     defs = ["".join(re.findall(r'"([^"]*)"', call)) for call in re.findall(r"m\.def\((.*?)\);", source, re.S)]
     return {schema.split("(", 1)[0]: schema for schema in defs}
 
