@@ -1,4 +1,4 @@
-"""The benchmark tables ``vsops bench`` prints and ``benchmarks/`` (pytest-benchmark) times: one
+"""The benchmark tables ``vsops bench`` prints and ``tests/bench/`` (pytest-benchmark) times: one
 module per ``--op`` (:data:`OPS`), each with a ``summary`` that prints its tables and a
 ``cli_summary(args, dtype, by_name)`` the command calls; :mod:`.timing` holds the timing and
 bandwidth helpers they share, :mod:`.plot` turns their tables (or pytest-benchmark's JSON) into

@@ -1,4 +1,4 @@
-"""DiffTopK's benchmark table, shared by ``benchmarks/test_bench_difftopk.py`` and ``vsops bench
+"""DiffTopK's benchmark table, shared by ``tests/bench/test_bench_difftopk.py`` and ``vsops bench
 --op difftopk``: against the paper's Algorithm 1 in PyTorch (64 bisection steps), and against
 the memory-bandwidth bound (:mod:`vsops.benchmarks.timing`).
 """

@@ -1,4 +1,4 @@
-"""LIS scoring benchmark, shared by ``benchmarks/test_bench_lis.py`` and ``vsops bench --op lis``.
+"""LIS scoring benchmark, shared by ``tests/bench/test_bench_lis.py`` and ``vsops bench --op lis``.
 
 ``lis_score`` against (a) Eq. 2 as published (Q, K and the N x N matrix in PyTorch) and
 (b) the ``Q . mean(K)`` form in PyTorch (no N x N matrix, but Q and K still formed), at the

@@ -1,4 +1,4 @@
-"""Selection-method benchmarks, shared by ``benchmarks/test_bench_methods.py`` and ``vsops bench
+"""Selection-method benchmarks, shared by ``tests/bench/test_bench_methods.py`` and ``vsops bench
 --op methods``: one image's merged visual tokens ``[N, 3584]`` (Qwen2.5-VL-7B's width), random.
 
 - DivPrune against the published algorithm in PyTorch (the full n x n cosine-distance matrix,

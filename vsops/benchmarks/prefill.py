@@ -1,4 +1,4 @@
-"""End-to-end prefill benchmark, shared by ``benchmarks/test_bench_prefill.py`` and ``vsops bench
+"""End-to-end prefill benchmark, shared by ``tests/bench/test_bench_prefill.py`` and ``vsops bench
 --op prefill [--model NAME]``: one forward over a prompt (``model(**batch, use_cache=False)``,
 eval mode, inference mode, sdpa attention) of a model built from a config with random weights
 (Qwen2.5-VL by default, or Qwen2-VL, Qwen3-VL, Qwen3.5, their MoE variants or
