@@ -5,7 +5,7 @@ registrations that, unlike the others, do not check whether the ops exist. Defin
 schemas lets the import finish; torchvision's Python transforms (all transformers' video
 processors use) work, and its compiled ops stay unavailable. Installed by .ci/run into the vLLM
 test environment only, as a .pth import; a machine that reaches PyTorch's CPU index installs
-torchvision's CPU build instead (see the README's vLLM section).
+torchvision's CPU build instead (see docs/vllm.md).
 """
 import torch
 

@@ -11,8 +11,8 @@
 //   block argmax over the unpicked tokens (NaN below every number, ties to the lower index)
 //   gives the next pick.
 //
-// Not tuned, and not run on a GPU by this work: the columns of the nearest pass are read
-// uncoalesced (one row per thread).
+// Not tuned, and not yet run on a GPU (CI compiles it with nvcc): the columns of the nearest
+// pass are read uncoalesced (one row per thread).
 #include <cmath>
 
 #include "cuda/kernel_common.cuh"

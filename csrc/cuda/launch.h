@@ -20,7 +20,8 @@ struct SegmentLayout {
   int64_t row_length;
 };
 
-// row_state is [num_segments, 3] of float (double when dtype is kFloat64): t, +inf value, -inf value.
+// row_state is [num_segments, 4] of float (double when dtype is kFloat64): anchor, t, +inf value,
+// -inf value (RowSolution and kRowStateWidth in vsops/difftopk_math.h).
 struct DiffTopKForwardParams {
   const void* scores;
   const int64_t* k;  // device int64 [num_segments]

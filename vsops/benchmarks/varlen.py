@@ -3,11 +3,11 @@
 prompts of L = 4096 tokens, 20% of the visual tokens kept, embeddings and 3-D rope position
 ids packed, against three PyTorch routes (``ROUTES``), all tested to pack the same thing:
 
-* ``unpad_input``: the issue's pipeline, a top-k keep mask then
-  ``flash_attn.bert_padding.unpad_input`` (nonzero + cumsum + gather);
+* ``unpad_input``: a top-k keep mask then ``flash_attn.bert_padding.unpad_input`` (nonzero +
+  cumsum + gather);
 * ``usual route``: top-k, sort, ``index_select`` into a padded batch, then ``unpad_input``;
 * ``index_select``: the keep mask and one ``index_select`` per tensor, the fastest PyTorch
-  we know (a stricter check than the issue asks for).
+  we know (the strictest of the three baselines).
 
 Speed is reported as the ratios and as the pack's effective bandwidth, reading and writing the
 kept rows once, against the copy bandwidth measured in the same run (alternating with it,
@@ -91,7 +91,7 @@ def unpad_input(hidden, mask):
 
 
 def unpad_pipeline_fn(scores, visual, embeds, positions) -> Callable[[], object]:
-    """The PyTorch pipeline of the issue: the keep mask, then ``unpad_input`` of the embeddings
+    """The ``unpad_input`` route: the keep mask, then ``unpad_input`` of the embeddings
     and of the position ids (``[B, L, 3]``, returned as ``[3, T]``). ``nonzero`` keeps the
     tokens in order, which the route's sort otherwise does."""
     def run():
@@ -104,7 +104,7 @@ def unpad_pipeline_fn(scores, visual, embeds, positions) -> Callable[[], object]
 
 
 def padded_route_fn(scores, visual, embeds, positions) -> Callable[[], object]:
-    """The usual route the issue describes: top-k, sort, ``index_select`` of each sample's kept
+    """The usual route: top-k, sort, ``index_select`` of each sample's kept
     tokens into a padded batch, then ``unpad_input`` of that batch."""
     def run():
         keep = _keep_mask(scores, visual)
@@ -124,7 +124,7 @@ def padded_route_fn(scores, visual, embeds, positions) -> Callable[[], object]:
 
 def index_select_fn(scores, visual, embeds, positions) -> Callable[[], object]:
     """The fastest one-gather PyTorch we know: the keep mask, nonzero, one ``index_select`` per
-    tensor (unpad_input with its gather replaced). Not the issue's pipeline; a stricter check."""
+    tensor (unpad_input with its gather replaced): a stricter baseline than the other two."""
     def run():
         indices, cu_seqlens, max_seqlen = _unpad_indices(_keep_mask(scores, visual))
         packed = embeds.reshape(-1, embeds.shape[-1]).index_select(0, indices)
