@@ -138,7 +138,7 @@ def test_the_documented_commands_dry_run(tmp_path, capsys):
 
     text = (Path(__file__).parents[2] / "docs" / "eval.md").read_text()
     grids = [shlex.split(line) for line in text.splitlines() if line.startswith("vsops eval ")]
-    assert len(grids) == 3
+    assert len(grids) == 4
     for argv in grids:
         argv = argv[1:]
         argv[argv.index("--output-dir") + 1] = str(tmp_path / "grid")
