@@ -5,22 +5,15 @@ tensors (fp32 only, as the interpreter is reliable there). With CUDA the kernels
 and the half-precision dtypes are tested too.
 """
 import math
-import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from triton_preamble import DEVICE, DTYPES  # first: it skips the module where Triton cannot run
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from vsops import reference
+from vsops.triton import _common, difftopk, topk
 
-from vsops import reference  # noqa: E402
-from vsops.triton import _common, difftopk, topk  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.float16, torch.bfloat16]
 # Mask tolerance: fp32 accumulation, then rounding to the output dtype.
 MASK_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

@@ -4,23 +4,15 @@ CI has no GPU: it runs this file with TRITON_INTERPRET=1 (CPU tensors, fp32). Wi
 kernels are compiled and half-precision x and dx are tested too. The ``small_tiles`` cases
 shrink the tiles so that small shapes cross every tile, chunk and piece boundary.
 """
-import os
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from triton_preamble import DEVICE, DTYPES  # first: it skips the module where Triton cannot run
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from vsops import reference
+from vsops.ops import lis as lis_ops
+from vsops.triton import lis
 
-from vsops import reference  # noqa: E402
-from vsops.ops import lis as lis_ops  # noqa: E402
-from vsops.triton import lis  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.float16, torch.bfloat16]
 # The reference sums in float64 from the same inputs: the kernels differ by fp32 accumulation,
 # and dx also by one rounding to its dtype (fp32 fma against float64 then rounded).
 SUM_TOL = dict(rtol=1e-5, atol=1e-5)

@@ -4,23 +4,16 @@ CI has no GPU: it runs this file with TRITON_INTERPRET=1 (CPU tensors). The kern
 integer words, so every dtype goes through the same code; the ``small_tiles`` cases shrink the
 blocks so that small shapes cross every token block, count group and column tile boundary.
 """
-import os
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from triton_preamble import DEVICE  # first: it skips the module where Triton cannot run
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from vsops import reference
+from vsops import varlen as public
+from vsops.ops import varlen as varlen_ops
+from vsops.triton import varlen
 
-from vsops import reference  # noqa: E402
-from vsops import varlen as public  # noqa: E402
-from vsops.ops import varlen as varlen_ops  # noqa: E402
-from vsops.triton import varlen  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
 B, L = 3, 41  # 123 tokens: not a multiple of any block
 FILLS = (0, -100, 1.5)
 
