@@ -207,23 +207,31 @@ def _timed(forward, model):
 
 
 def _processor_batch(processor, contexts: list[str], visuals: list[list]) -> dict:
-    """Chat-templated prompts with their images, padded on the left."""
+    """Chat-templated prompts with their images and videos, padded on the left. A visual is an
+    image (PIL, or a float ``[3, H, W]`` tensor in [0, 1] as vsops_synthetic's boards) or a
+    video: its path, as lmms-eval's video tasks give it (the processor reads it), or its frames,
+    uint8 ``[T, H, W, 3]``."""
     import numpy
     from PIL import Image
 
-    texts, images = [], []
+    texts, images, videos = [], [], []
     for context, items in zip(contexts, visuals):
-        pictures = []
+        content = []
         for item in items:
-            if torch.is_tensor(item):  # a float [3, H, W] image (vsops_synthetic's boards)
+            if isinstance(item, str) or getattr(item, "ndim", None) == 4:
+                videos.append(item)
+                content.append({"type": "video"})
+                continue
+            if torch.is_tensor(item):
                 array = (item.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
                 item = Image.fromarray(numpy.ascontiguousarray(array))
-            pictures.append(item.convert("RGB"))
-        content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": context}]
+            images.append(item.convert("RGB"))
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": context})
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                    tokenize=False))
-        images += pictures
-    return dict(processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
+    return dict(processor(text=texts, images=images or None, videos=videos or None, padding=True,
+                          return_tensors="pt"))
 
 
 def _generate(model, processor, batch: dict, gen_kwargs: dict, max_new_tokens: int):
