@@ -61,7 +61,7 @@ def test_forward_matches_reference_ragged(backend):
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0, 1000.0])
 def test_matches_fp64_bisection_within_1e5(backend, scale):
-    """The issue's accuracy bar: within 1e-5 of a 64-step fp64 bisection, sums within tolerance."""
+    """The required accuracy: within 1e-5 of a 64-step fp64 bisection, sums within tolerance."""
     _, device = backend
     g = torch.Generator().manual_seed(2)
     scores = (torch.randn(4, 2048, generator=g, dtype=torch.float64) * scale).float()
