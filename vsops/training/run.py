@@ -8,8 +8,9 @@
 A synthetic task (``--task synthetic``, or its marked variant ``synthetic-marked``: see
 :data:`~vsops.training.synthetic.NAMED_TASKS`) first fits a tiny Qwen2.5-VL on the task with
 every visual token (saved in ``output-dir/backbone`` and reused by later runs into the same
-directory), freezes it, then trains the scorer and evaluates the held-out accuracy at budgets 0.1, 0.2, 0.3 and 1.0 for the
-trained scorer and for every training-free method of :mod:`vsops.methods` (``--eval-methods``).
+directory), freezes it, then trains the scorer and evaluates the held-out accuracy at budgets
+0.1, 0.2, 0.3 and 1.0 for the trained scorer and for every training-free method of
+:mod:`vsops.methods` (``--eval-methods``).
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ class SyntheticTask:
     def _glyphs_and_palette(self):
         # Colours are distinct non-negative directions of equal norm, as colours are.
         g = torch.Generator().manual_seed(self.seed)
-        glyphs = _marked_glyphs(2 + self.distractors, g) if self.variant == "marked" else _disjoint_glyphs(2 + self.distractors, g)
+        glyphs = (_marked_glyphs if self.variant == "marked" else _disjoint_glyphs)(2 + self.distractors, g)
         palette = torch.tensor(_PALETTE[: self.colours], dtype=torch.float32)
         palette = palette / palette.norm(dim=1, keepdim=True) * 3**0.5
         return glyphs.view(-1, CELL, CELL), palette
